@@ -1,0 +1,217 @@
+"""The synchronous engine core: requests in, one pipeline step at a time, outputs out.
+
+`step()` fills the pipeline (up to pp micro-batches in flight, so every stage works at
+once), then waits for the oldest step's tokens and books them: appends tokens, detokenises,
+applies stop conditions and frees finished requests' blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass
+
+from remp.config import EngineConfig, ModelConfig, resolve_dtype
+from remp.engine.detokenizer import DetokState, Detokenizer
+from remp.engine.outputs import RequestMetrics, RequestOutput
+from remp.engine.sampling import SamplingParams
+from remp.engine.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
+from remp.executor.local import LocalExecutor
+from remp.executor.messages import SeqWork, StepCommand
+from remp.kv.blocks import BlockManager
+from remp.kv.cache import blocks_for_budget
+from remp.topology import Topology
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_kv_blocks: int
+    num_preemptions: int
+    step_count: int
+    control_plane_s: float  # engine + worker time spent building, sending and parsing step commands
+    step_wall_s: float  # summed wall time from submit to result
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        topo = Topology(config.tensor_parallel_size, config.pipeline_parallel_size)
+        topo.validate(self.model_config, config.pool_size)
+        self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 4096)
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {self.model_config.max_position_embeddings}")
+        self.max_num_batched_tokens = max(config.max_num_batched_tokens or 2048, self.max_model_len)
+        self.served_model_name = config.served_model_name or config.model
+        self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        num_blocks = self._num_blocks(topo)
+        self.executor = LocalExecutor(config.model, config.pool_size, str(self.dtype).removeprefix("torch."),
+                                      config.device)
+        try:
+            self.executor.load(topo, num_blocks, config.block_size, self._threads(topo))
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size), config.max_num_seqs,
+                                   self.max_num_batched_tokens)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, DetokState] = {}
+        self._batches: dict[int, list[ScheduledSeq]] = {}
+        self._submit_times: dict[int, float] = {}
+        self._step_ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self.step_count = 0
+        self.control_plane_s = 0.0
+        self.step_wall_s = 0.0
+
+    def _num_blocks(self, topo: Topology) -> int:
+        cfg = self.config
+        num_blocks = cfg.num_kv_blocks or blocks_for_budget(self.model_config, topo, cfg.block_size, self.dtype,
+                                                            cfg.kv_cache_space_gb * 2**30)
+        if num_blocks * cfg.block_size < self.max_model_len:
+            raise ValueError(f"the KV cache holds {num_blocks * cfg.block_size} tokens under {topo}, fewer than "
+                             f"max_model_len {self.max_model_len}: raise --kv-cache-space or lower --max-model-len")
+        return num_blocks
+
+    def set_topology(self, topo: Topology) -> None:
+        """Re-lay an idle engine out as `topo` (stop the world: no request may be in the engine).
+        Changing the layout under live requests is the reconfiguration transaction's job."""
+        if self.has_unfinished():
+            raise RuntimeError("set_topology needs an idle engine")
+        topo.validate(self.model_config, self.config.pool_size)
+        num_blocks = self._num_blocks(topo)
+        self.executor.load(topo, num_blocks, self.config.block_size, self._threads(topo))
+        self.scheduler.blocks = BlockManager(num_blocks, self.config.block_size)
+
+    def _threads(self, topo: Topology) -> int:
+        return self.config.threads_per_worker or max(1, (os.cpu_count() or 1) // topo.world_size)
+
+    @property
+    def topology(self) -> Topology:
+        return self.executor.topology
+
+    # requests
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (the API's 400) for a request that cannot run."""
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                             f"has {len(prompt_token_ids)} prompt tokens and asks for {params.max_tokens} more")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        self.check_request(prompt_token_ids, params)
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already running")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params, seed,
+                       RequestMetrics(arrival_time or time.monotonic()))
+        self._seqs[request_id] = seq
+        self._detok[request_id] = self.detokenizer.start(seq.prompt_token_ids)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and seq.status is not SeqStatus.FINISHED:
+            self.scheduler.finish(seq, "abort")
+        self._detok.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self.executor.in_flight)
+
+    # stepping
+    def _submit(self, items: list[ScheduledSeq]) -> None:
+        t0 = time.perf_counter()
+        step_id = next(self._step_ids)
+        now = time.monotonic()
+        works = []
+        for it in items:
+            seq, p = it.seq, it.seq.params
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+            works.append(SeqWork(seq_id=seq.seq_id, token_ids=it.token_ids, start=it.start,
+                                 block_table=list(seq.block_ids), temperature=p.temperature, top_p=p.top_p,
+                                 top_k=p.top_k, seed=seq.seed, out_pos=len(seq.output_token_ids),
+                                 logprobs=p.logprobs))
+        self.executor.submit(StepCommand(step_id, works))
+        self._batches[step_id] = items
+        self._submit_times[step_id] = time.perf_counter()
+        self.control_plane_s += self._submit_times[step_id] - t0
+
+    def step(self) -> list[RequestOutput]:
+        pp = self.topology.pp
+        while len(self.executor.in_flight) < pp:
+            items = self.scheduler.schedule(pp - len(self.executor.in_flight))
+            if not items:
+                break
+            self._submit(items)
+        if not self.executor.in_flight:
+            return []
+        result = self.executor.next_result()
+        self.step_wall_s += time.perf_counter() - self._submit_times.pop(result.step_id)
+        self.control_plane_s += result.parse_s
+        self.step_count += 1
+        items = self._batches.pop(result.step_id)
+        outputs = []
+        now = time.monotonic()
+        for item, token, lps in zip(items, result.token_ids, result.logprobs):
+            if not self.scheduler.step_done(item):
+                continue
+            outputs.append(self._append(item.seq, token, lps, now))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lps: list | None, now: float) -> RequestOutput:
+        seq.output_token_ids.append(token)
+        if lps is not None:
+            seq.logprobs.append({int(t): lp for t, lp in lps})
+        m = seq.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        p = seq.params
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        state = self._detok[seq.request_id]
+        text, new_text, hit = self.detokenizer.update(state, seq.output_token_ids, p.stop, reason is not None)
+        if hit:
+            reason = "stop"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            m.finished_time = now
+            del self._seqs[seq.request_id], self._detok[seq.request_id]
+        return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+                             token_ids=list(seq.output_token_ids), text=text, new_text=new_text,
+                             new_token_ids=[token], finished=reason is not None, finish_reason=reason,
+                             logprobs=list(seq.logprobs) if p.logprobs is not None else None, metrics=m,
+                             num_preemptions=seq.num_preemptions)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=s.blocks.usage,
+                           num_kv_blocks=s.blocks.num_blocks, num_preemptions=s.num_preemptions,
+                           step_count=self.step_count, control_plane_s=self.control_plane_s,
+                           step_wall_s=self.step_wall_s)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,83 @@
+"""Messages between the engine and its workers (the control plane).
+
+Encoded as JSON: the control plane carries only ids, lengths and sampling settings, and
+JSON keeps anything that is not plain data (pickle) off the sockets. Tensors never travel
+here; activations and KV move over torch.distributed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SeqWork:
+    """One sequence's share of a step: tokens to run and how to sample the next one."""
+
+    seq_id: int
+    token_ids: list[int]
+    start: int  # tokens of this sequence already in the KV cache
+    block_table: list[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    out_pos: int  # index of the output token this step samples (seeds the sampler)
+    logprobs: int | None = None
+
+
+@dataclass
+class StepCommand:
+    step_id: int
+    seqs: list[SeqWork]
+
+
+@dataclass
+class LoadCommand:
+    """Take on a layout: build its groups, slice this rank's shard, allocate KV."""
+
+    tp: int
+    pp: int
+    num_blocks: int
+    block_size: int
+    threads: int
+
+
+@dataclass
+class ShutdownCommand:
+    pass
+
+
+@dataclass
+class StepResult:
+    step_id: int
+    token_ids: list[int]
+    logprobs: list[list[list[float]] | None]  # per sequence: [[token_id, logprob], ...], sampled first
+    parse_s: float  # worker time spent turning the command into tensors
+    compute_s: float  # worker time from tensors to sampled tokens
+
+
+@dataclass
+class WorkerReply:
+    """Acknowledgement (ok) or failure report of one worker for one command."""
+
+    rank: int
+    kind: str  # "ready" | "loaded" | "error"
+    message: str = ""
+    info: dict = field(default_factory=dict)
+
+
+_TYPES = {cls.__name__: cls for cls in (StepCommand, LoadCommand, ShutdownCommand, StepResult, WorkerReply)}
+
+
+def encode(msg) -> bytes:
+    return json.dumps({"t": type(msg).__name__, "b": asdict(msg)}, separators=(",", ":")).encode()
+
+
+def decode(data: bytes):
+    raw = json.loads(data)
+    cls = _TYPES[raw["t"]]
+    body = raw["b"]
+    if cls is StepCommand:
+        return StepCommand(step_id=body["step_id"], seqs=[SeqWork(**s) for s in body["seqs"]])
+    return cls(**body)

@@ -1,0 +1,49 @@
+"""A worker's paged KV cache: one tensor per local layer,
+[num_blocks, 2 (key, value), block_size, local_kv_heads, head_dim], indexed by global block id."""
+from __future__ import annotations
+
+import torch
+
+from remp.config import ModelConfig
+from remp.topology import Topology
+
+
+def bytes_per_block(model: ModelConfig, topo: Topology, rank: int, block_size: int, dtype: torch.dtype) -> int:
+    stage, t = topo.coords(rank)
+    layers = len(topo.layers_of(stage, model.num_layers))
+    kv_heads = len(topo.kv_heads_of(t, model.num_kv_heads))
+    return layers * 2 * block_size * kv_heads * model.head_dim * torch.finfo(dtype).bits // 8
+
+
+def blocks_for_budget(model: ModelConfig, topo: Topology, block_size: int, dtype: torch.dtype,
+                      bytes_per_worker: float) -> int:
+    """How many global blocks fit when every active worker may spend `bytes_per_worker` on KV:
+    the most loaded worker decides."""
+    worst = max(bytes_per_block(model, topo, r, block_size, dtype) for r in range(topo.world_size))
+    return int(bytes_per_worker // worst)
+
+
+class KVCache:
+    def __init__(self, model: ModelConfig, topo: Topology, rank: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        stage, t = topo.coords(rank)
+        self.block_size = block_size
+        kv_heads = len(topo.kv_heads_of(t, model.num_kv_heads))
+        self.layers = {layer: torch.zeros(num_blocks, 2, block_size, kv_heads, model.head_dim,
+                                          dtype=dtype, device=device)
+                       for layer in topo.layers_of(stage, model.num_layers)}
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [T, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
+        cache = self.layers[layer]
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        cache[blocks, 0, offsets] = k
+        cache[blocks, 1, offsets] = v
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of whole block tables [B, max_blocks] as [B, kv_heads, max_blocks*block_size, head_dim]."""
+        kv = self.layers[layer][block_tables]  # [B, nb, 2, bs, h, d]
+        b, nb, _, bs, h, d = kv.shape
+        k = kv[:, :, 0].reshape(b, nb * bs, h, d).transpose(1, 2)
+        v = kv[:, :, 1].reshape(b, nb * bs, h, d).transpose(1, 2)
+        return k, v

@@ -1,0 +1,147 @@
+"""Forward pass of one rank's part of a Llama-family decoder (Llama, Mistral, Qwen2).
+
+Tensor parallelism follows Megatron: q/k/v and gate/up are column-parallel, o and down
+row-parallel with one all-reduce after attention and one after the MLP; the embedding and
+LM head are split over the vocabulary. Pipeline parallelism gives each stage a contiguous
+run of layers; the hidden state travels between stages (see remp.worker).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from remp.config import ModelConfig
+from remp.kv.cache import KVCache
+from remp.topology import Topology
+
+
+@dataclass
+class Batch:
+    """One step's tokens on a worker: sequences laid end to end ([T] tensors), plus what
+    attention needs to find each sequence's context in the paged cache."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    q_lens: list[int]
+    starts: list[int]  # tokens already in the cache before this step, per sequence
+    block_tables: list[list[int]]
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        offsets = [0]
+        for n in self.q_lens:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        self.last_token_idx = torch.tensor([o - 1 for o in offsets[1:]], device=self.device)
+        self.decode = [i for i, n in enumerate(self.q_lens) if n == 1 and self.starts[i] > 0]
+        self.prefill = [i for i, n in enumerate(self.q_lens) if not (n == 1 and self.starts[i] > 0)]
+        if self.decode:
+            width = max(len(self.block_tables[i]) for i in self.decode)
+            tables = [self.block_tables[i] + [0] * (width - len(self.block_tables[i])) for i in self.decode]
+            self.decode_tables = torch.tensor(tables, device=self.device)
+            self.decode_tokens = torch.tensor([offsets[i] for i in self.decode], device=self.device)
+            self.decode_ctx = torch.tensor([self.starts[i] + 1 for i in self.decode], device=self.device)
+
+
+class StageModel:
+    """The layers, heads, MLP slice and vocabulary slice one rank owns under one topology."""
+
+    def __init__(self, model: ModelConfig, topo: Topology, rank: int, weights: dict[str, torch.Tensor],
+                 tp_group: dist.ProcessGroup | None, hf_config, device: torch.device):
+        self.cfg = model
+        self.topo = topo
+        self.stage, self.tp_rank = topo.coords(rank)
+        self.layers = topo.layers_of(self.stage, model.num_layers)
+        self.is_first = self.stage == 0
+        self.is_last = self.stage == topo.pp - 1
+        self.tp_group = tp_group if topo.tp > 1 else None
+        self.w = {k: v.to(device) for k, v in weights.items()}
+        self.device = device
+        self.num_heads = len(topo.heads_of(self.tp_rank, model.num_heads))
+        self.num_kv_heads = len(topo.kv_heads_of(self.tp_rank, model.num_kv_heads))
+        self.vocab = topo.vocab_slice(self.tp_rank, model.vocab_size)
+        self.rotary = LlamaRotaryEmbedding(hf_config).to(device)
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return weight * x.to(dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = self.w["embed"]
+        if self.tp_group is None:
+            return F.embedding(input_ids, table)
+        local = input_ids - self.vocab.start
+        outside = (local < 0) | (local >= len(self.vocab))
+        h = F.embedding(local.masked_fill(outside, 0), table)
+        h = h.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self._all_reduce(h)
+
+    def forward(self, batch: Batch, hidden: torch.Tensor | None, kv: KVCache) -> torch.Tensor:
+        """Run this stage's layers. Returns the hidden state [T, hidden] on inner stages and
+        this rank's vocabulary slice of the last-token logits [B, V/tp] on the last stage."""
+        h = self.embed(batch.input_ids) if self.is_first else hidden
+        cos, sin = self.rotary(h, batch.positions.unsqueeze(0))
+        cos, sin = cos[0], sin[0]
+        for layer in self.layers:
+            x = self._rms_norm(h, self.w[f"{layer}.input_norm"])
+            h = h + self._attention(layer, x, cos, sin, batch, kv)
+            x = self._rms_norm(h, self.w[f"{layer}.post_norm"])
+            h = h + self._mlp(layer, x)
+        if not self.is_last:
+            return h
+        last = self._rms_norm(h[batch.last_token_idx], self.w["norm"])
+        return F.linear(last, self.w["lm_head"])
+
+    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w[f"{layer}.gate_up"]).chunk(2, dim=-1)
+        return self._all_reduce(F.linear(F.silu(gate) * up, self.w[f"{layer}.down"]))
+
+    def _attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   batch: Batch, kv: KVCache) -> torch.Tensor:
+        hd = self.cfg.head_dim
+        t = x.shape[0]
+        qkv = F.linear(x, self.w[f"{layer}.qkv"], self.w.get(f"{layer}.qkv_bias"))
+        q, k, v = qkv.split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
+        q = q.view(t, self.num_heads, hd)
+        k = k.view(t, self.num_kv_heads, hd)
+        v = v.view(t, self.num_kv_heads, hd)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        kv.write(layer, batch.slots, k, v)
+        out = torch.empty_like(q)
+        if batch.decode:
+            keys, values = kv.gather(layer, batch.decode_tables)
+            width = keys.shape[2]
+            mask = torch.arange(width, device=self.device)[None, :] < batch.decode_ctx[:, None]
+            qd = q[batch.decode_tokens].unsqueeze(2)
+            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask[:, None, None, :], enable_gqa=True)
+            out[batch.decode_tokens] = o.squeeze(2)
+        for i in batch.prefill:
+            s, e = batch.offsets[i], batch.offsets[i + 1]
+            qs = q[s:e].transpose(0, 1).unsqueeze(0)
+            if batch.starts[i] == 0:
+                keys = k[s:e].transpose(0, 1).unsqueeze(0)
+                values = v[s:e].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
+            else:
+                ctx = batch.starts[i] + (e - s)
+                table = torch.tensor([batch.block_tables[i]], device=self.device)
+                keys, values = kv.gather(layer, table)
+                keys, values = keys[:, :, :ctx], values[:, :, :ctx]
+                qpos = torch.arange(batch.starts[i], ctx, device=self.device)
+                mask = torch.arange(ctx, device=self.device)[None, :] <= qpos[:, None]
+                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+            out[s:e] = o[0].transpose(0, 1)
+        return self._all_reduce(F.linear(out.view(t, self.num_heads * hd), self.w[f"{layer}.o"]))
+

@@ -1,0 +1,103 @@
+"""The parallel layout as a value.
+
+A `Topology` answers every ownership question — which stage holds a layer, which tensor
+rank holds a query head, a KV head, a slice of the MLP or of the vocabulary, which global
+rank a (stage, tp rank) pair is — for weights, KV cache and communication groups alike.
+Nothing else in remp computes ownership; a switch is the difference of two Topology values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from remp.config import ModelConfig
+
+
+class TopologyError(ValueError):
+    """A layout that cannot run this model on this pool; the message says why."""
+
+
+def split_range(n: int, parts: int, index: int) -> range:
+    """Contiguous balanced split of range(n) into `parts`; the first n % parts parts get
+    one more element."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (1 if index < extra else 0))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """tp × pp layout over ranks 0 .. tp*pp-1 of the worker pool (the rest are standby).
+
+    Rank numbering is stage-major: rank = stage * tp + tp_rank, so each stage's tensor
+    group is a contiguous run of ranks.
+    """
+
+    tp: int = 1
+    pp: int = 1
+
+    def __str__(self) -> str:
+        return f"tp{self.tp}pp{self.pp}"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the layout uses (the active part of the pool)."""
+        return self.tp * self.pp
+
+    def validate(self, model: ModelConfig, pool_size: int) -> None:
+        """Raise TopologyError unless this layout can serve `model` on `pool_size` workers."""
+        if self.tp < 1 or self.pp < 1:
+            raise TopologyError(f"tensor and pipeline parallel sizes must be >= 1, got tp={self.tp} pp={self.pp}")
+        if model.num_heads % self.tp:
+            raise TopologyError(f"tensor_parallel_size {self.tp} does not divide the "
+                                f"{model.num_heads} attention heads")
+        kv = model.num_kv_heads
+        if kv % self.tp and self.tp % kv:
+            raise TopologyError(f"tensor_parallel_size {self.tp} must divide or be a multiple "
+                                f"of the {kv} key/value heads")
+        if self.pp > model.num_layers:
+            raise TopologyError(f"pipeline_parallel_size {self.pp} exceeds the "
+                                f"{model.num_layers} layers")
+        if self.world_size > pool_size:
+            raise TopologyError(f"tp*pp = {self.world_size} workers needed but the pool has {pool_size}")
+
+    # ranks
+    def rank(self, stage: int, tp_rank: int) -> int:
+        return stage * self.tp + tp_rank
+
+    def coords(self, rank: int) -> tuple[int, int] | None:
+        """(stage, tp_rank) of a global rank, or None for a standby rank."""
+        if rank >= self.world_size:
+            return None
+        return divmod(rank, self.tp)
+
+    def tp_group_ranks(self, stage: int) -> list[int]:
+        return [self.rank(stage, t) for t in range(self.tp)]
+
+    # layers
+    def layers_of(self, stage: int, num_layers: int) -> range:
+        return split_range(num_layers, self.pp, stage)
+
+    def stage_of(self, layer: int, num_layers: int) -> int:
+        return next(s for s in range(self.pp) if layer in self.layers_of(s, num_layers))
+
+    # heads
+    def heads_of(self, tp_rank: int, num_heads: int) -> range:
+        return split_range(num_heads, self.tp, tp_rank)
+
+    def kv_heads_of(self, tp_rank: int, num_kv_heads: int) -> range:
+        """KV heads this tensor rank holds: an even split when tp <= kv heads, else one
+        head replicated on tp / kv_heads consecutive ranks."""
+        if self.tp <= num_kv_heads:
+            return split_range(num_kv_heads, self.tp, tp_rank)
+        head = tp_rank // (self.tp // num_kv_heads)
+        return range(head, head + 1)
+
+    # column/row parallel dimensions
+    def mlp_slice(self, tp_rank: int, intermediate_size: int) -> range:
+        return split_range(intermediate_size, self.tp, tp_rank)
+
+    def vocab_slice(self, tp_rank: int, vocab_size: int) -> range:
+        """Vocabulary rows of the embedding and LM head on this tensor rank; every rank's
+        slice has the padded size ceil(V / tp) so gathers are even (the last may run past V)."""
+        per = -(-vocab_size // self.tp)
+        return range(tp_rank * per, (tp_rank + 1) * per)

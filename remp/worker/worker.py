@@ -1,0 +1,160 @@
+"""A worker process: one rank of the pool.
+
+It joins the world group, opens the weight store and waits. A LoadCommand makes it take
+on a layout (or go standby); each StepCommand runs this rank's layers for one step: stage
+0 embeds the tokens, inner stages receive the hidden state from the previous stage and
+pass theirs on (asynchronously, so a stage starts the next micro-batch at once), and the
+last stage gathers the vocabulary-parallel logits on its first tensor rank, which samples
+and sends the tokens back to the engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from remp.config import ModelConfig
+from remp.engine.sampling import sample_row
+from remp.executor.messages import (LoadCommand, SeqWork, ShutdownCommand, StepCommand, StepResult,
+                                    WorkerReply, decode, encode)
+from remp.kv.cache import KVCache
+from remp.model.llama import Batch, StageModel
+from remp.parallel.groups import Groups, init_world
+from remp.topology import Topology
+from remp.weights.store import WeightStore
+
+
+class Worker:
+    def __init__(self, rank: int, pool_size: int, model_path: str, dtype: torch.dtype, device: str):
+        self.rank = rank
+        self.pool_size = pool_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.model_config = ModelConfig.from_pretrained(model_path)
+        self.hf_config = self.model_config.hf_config()
+        self.store = WeightStore(model_path)
+        self.groups = Groups(rank)
+        self.topo: Topology | None = None
+        self.model: StageModel | None = None
+        self.kv: KVCache | None = None
+        self._pending_sends: list[dist.Work] = []
+
+    def load(self, cmd: LoadCommand) -> dict:
+        topo = Topology(cmd.tp, cmd.pp)
+        torch.set_num_threads(cmd.threads)
+        group = self.groups.tp_group(topo)  # collective: every pool rank calls it
+        self.model = self.kv = None
+        self.topo = topo
+        if topo.coords(self.rank) is None:
+            return {"standby": True}
+        weights = self.store.shard(self.model_config, topo, self.rank, self.dtype)
+        self.model = StageModel(self.model_config, topo, self.rank, weights, group, self.hf_config, self.device)
+        self.kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device)
+        return {"standby": False, "layers": list(self.model.layers)}
+
+    def _batch(self, seqs: list[SeqWork], block_size: int) -> Batch:
+        ids, positions, slots = [], [], []
+        for s in seqs:
+            ids.extend(s.token_ids)
+            for pos in range(s.start, s.start + len(s.token_ids)):
+                positions.append(pos)
+                slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
+        dev = self.device
+        return Batch(input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(positions, device=dev),
+                     slots=torch.tensor(slots, device=dev), q_lens=[len(s.token_ids) for s in seqs],
+                     starts=[s.start for s in seqs], block_tables=[s.block_table for s in seqs], device=dev)
+
+    def step(self, cmd: StepCommand) -> StepResult | None:
+        t0 = time.perf_counter()
+        model, topo = self.model, self.topo
+        batch = self._batch(cmd.seqs, self.kv.block_size)
+        t1 = time.perf_counter()
+        self._pending_sends = [w for w in self._pending_sends if not w.is_completed()]
+        hidden = None
+        if not model.is_first:
+            hidden = torch.empty(len(batch.input_ids), self.model_config.hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(hidden, src=topo.rank(model.stage - 1, model.tp_rank))
+        out = model.forward(batch, hidden, self.kv)
+        if not model.is_last:
+            self._pending_sends.append(dist.isend(out, dst=topo.rank(model.stage + 1, model.tp_rank)))
+            return None
+        logits = self._gather_logits(out)
+        if logits is None:
+            return None
+        tokens, logprobs = sample(logits[:, :self.model_config.vocab_size].float(), cmd.seqs)
+        return StepResult(step_id=cmd.step_id, token_ids=tokens, logprobs=logprobs,
+                          parse_s=t1 - t0, compute_s=time.perf_counter() - t1)
+
+    def _gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits on the stage's first tensor rank, None elsewhere."""
+        model = self.model
+        if model.tp_group is None:
+            return local
+        dst = self.topo.rank(model.stage, 0)
+        parts = [torch.empty_like(local) for _ in range(self.topo.tp)] if model.tp_rank == 0 else None
+        dist.gather(local, parts, dst=dst, group=model.tp_group)
+        return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
+    tokens, logprobs = [], []
+    for row, s in zip(logits, seqs):
+        token = sample_row(row, s.temperature, s.top_p, s.top_k, s.seed, s.out_pos)
+        tokens.append(token)
+        if s.logprobs is None:
+            logprobs.append(None)
+            continue
+        lp = torch.log_softmax(row, dim=-1)
+        top = torch.topk(lp, s.logprobs) if s.logprobs else None
+        entries = [[token, float(lp[token])]]
+        if top is not None:
+            entries += [[int(i), float(v)] for v, i in zip(top.values, top.indices)]
+        logprobs.append(entries)
+    return tokens, logprobs
+
+
+def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_addr: str, result_addr: str,
+                model_path: str, dtype: str, device: str) -> None:
+    """Process entry point (dtype is a torch attribute name such as 'float32'); runs until a ShutdownCommand or until the engine goes away."""
+    torch.set_num_threads(1)
+    ctx = zmq.Context()
+    cmds = ctx.socket(zmq.PULL)
+    cmds.connect(cmd_addr)
+    results = ctx.socket(zmq.PUSH)
+    results.setsockopt(zmq.LINGER, 1000)
+    results.connect(result_addr)
+    try:
+        init_world(rank, pool_size, dist_init, backend)
+        worker = Worker(rank, pool_size, model_path, getattr(torch, dtype), device)
+        results.send(encode(WorkerReply(rank=rank, kind="ready", info={"pid": os.getpid()})))
+        while True:
+            msg = decode(cmds.recv())
+            if isinstance(msg, ShutdownCommand):
+                break
+            if isinstance(msg, LoadCommand):
+                info = worker.load(msg)
+                results.send(encode(WorkerReply(rank=rank, kind="loaded", info=info)))
+            elif isinstance(msg, StepCommand):
+                result = worker.step(msg)
+                if result is not None:
+                    results.send(encode(result))
+    except Exception as exc:  # report, then die: the engine decides what a lost rank means
+        results.send(encode(WorkerReply(rank=rank, kind="error", message=f"{type(exc).__name__}: {exc}",
+                                        info={"traceback": traceback.format_exc()})))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        results.close()
+        cmds.close(linger=0)
+        ctx.term()
+
+
+if __name__ == "__main__":
+    worker_main(**json.loads(sys.argv[1]))

@@ -1,0 +1,17 @@
+"""Shared fixtures: tiny checkpoints made once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from remp.testing.tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa(tmp_path_factory) -> str:
+    """Llama, 8 query heads / 2 KV heads, 4 layers: every layout of a pool of 4 is valid."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gqa", variant="gqa"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", variant="qwen2"))
