@@ -1,0 +1,191 @@
+"""The `remp` command: serve, generate, make-tiny-model, bench serve.
+
+Flags follow `vllm serve`. Heavy imports (torch, transformers, uvicorn) happen inside the
+subcommands so `remp --help` stays instant. A request the user got wrong (a layout the
+model cannot take, a directory that is not a model) ends with one `error: ...` line and
+exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.run(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from remp import __version__
+
+    parser = argparse.ArgumentParser(prog="remp", description="LLM inference server whose parallel "
+                                     "layout (TP x PP) is runtime state.")
+    parser.add_argument("--version", action="version", version=f"remp {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    _add_engine_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("REMP_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1 routes (default: $REMP_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model name the API reports and accepts "
+                       "(default: MODEL as given)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="generate text offline and report the speed")
+    _add_engine_arguments(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.set_defaults(run=_generate)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint for tests")
+    tiny.add_argument("dir")
+    tiny.add_argument("--variant", default="gqa",
+                      help="gqa (8 query / 2 KV heads, default), mha (4 / 4) or qwen2 (4 / 2, qkv bias)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_make_tiny_model)
+
+    # The benchmark's own parser is built only when it runs: its imports take seconds.
+    bench = commands.add_parser("bench", help="benchmarks: `remp bench serve --help`, `remp bench layouts --help`")
+    bench.add_argument("benchmark", choices=["serve", "layouts"],
+                       help="serve: load-test a running OpenAI-compatible server; layouts: throughput of "
+                       "each fixed layout vs transformers")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Hugging Face model directory")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    parser.add_argument("--worker-pool-size", type=int,
+                        help="worker processes, standbys included (default: tp * pp)")
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int,
+                        help="context length (default: the model's, at most 4096)")
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--kv-cache-space", type=float, default=1.0, help="KV cache GiB per worker")
+    parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (overrides --kv-cache-space)")
+    parser.add_argument("--threads-per-worker", type=int, help="default: cores / active workers")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _engine_config(args: argparse.Namespace):
+    from remp.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        worker_pool_size=args.worker_pool_size,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        dtype=args.dtype,
+        kv_cache_space_gb=args.kv_cache_space,
+        num_kv_blocks=args.num_kv_blocks,
+        threads_per_worker=args.threads_per_worker,
+        seed=args.seed,
+    )
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from remp.engine.async_engine import AsyncEngine
+    from remp.server.api import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM behaves like Ctrl-C, so the engine's workers are shut down on `kill` as well;
+    # uvicorn re-raises the signal after its graceful shutdown.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    config = _engine_config(args)
+    config.served_model_name = args.served_model_name
+    try:
+        engine = AsyncEngine.start(config)
+    except ValueError as exc:  # TopologyError and ModelError included
+        return _fail(exc)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.run(build_app(engine, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from remp.engine.llm import LLM
+    from remp.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    try:
+        llm = LLM(_engine_config(args))
+    except ValueError as exc:
+        return _fail(exc)
+    try:
+        prompt = args.prompt
+        if args.chat:
+            prompt = list(llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                            add_generation_prompt=True, tokenize=True,
+                                                            return_dict=False))
+        start = time.perf_counter()
+        [out] = llm.generate([prompt], params)
+        elapsed = time.perf_counter() - start
+    except ValueError as exc:
+        return _fail(exc)
+    finally:
+        llm.shutdown()
+    print(out.text)
+    n = len(out.token_ids)
+    print(f"{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s ({out.finish_reason})", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"remp.bench.{args.benchmark}")
+    parser = argparse.ArgumentParser(prog=f"remp bench {args.benchmark}", description=module.__doc__)
+    module.add_arguments(parser)
+    module.run(parser.parse_args(args.args))
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from remp.testing.tiny_model import make_tiny_model
+
+    try:
+        out = make_tiny_model(args.dir, variant=args.variant, seed=args.seed)
+    except ValueError as exc:
+        return _fail(exc)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""The OpenAI-compatible HTTP server.
+
+Division of labour: the server tokenizes (chat template included), checks what belongs to
+the API (model name, default lengths), formats and streams; the engine validates the
+request against the context, detokenizes and applies stop conditions. Every engine
+request is started, and its first output awaited, before the response begins, so a
+request the engine refuses is a 400 and never an error inside a 200 stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hmac
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from jinja2 import TemplateError
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from remp import __version__
+from remp.engine.outputs import RequestOutput
+from remp.server.metrics import ServerMetrics
+from remp.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client caused or should see, answered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def response(self) -> Response:
+        return _json(ErrorResponse(error=self.info), self.status)
+
+
+def build_app(engine, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (an AsyncEngine). With `api_key`, every /v1 route
+    requires `Authorization: Bearer <api_key>`."""
+    app = FastAPI(title="remp", version=__version__)
+    metrics = ServerMetrics(engine, engine.served_model_name)
+    server = _OpenAIServer(engine, metrics)
+    if api_key:
+        app.add_middleware(_RequireAPIKey, api_key=api_key)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        card = ModelCard(id=engine.served_model_name, root=engine.config.model,
+                         max_model_len=engine.max_model_len)
+        return _json(ModelList(data=[card]))
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await _cancel_on_disconnect(request, server.completion(body))
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await _cancel_on_disconnect(request, server.chat(body))
+
+    return app
+
+
+class _OpenAIServer:
+    """Turns API requests into engine requests and engine outputs into API responses."""
+
+    def __init__(self, engine, metrics: ServerMetrics):
+        self.engine = engine
+        self.metrics = metrics
+        # A copy: the engine thread detokenizes with its tokenizer while this one encodes, and
+        # a Rust-backed tokenizer shared across threads can fail with "Already borrowed".
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.model_name: str = engine.served_model_name
+
+    async def completion(self, req: CompletionRequest) -> Response:
+        self._check_model(req.model)
+        prompt_ids = self.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        params = req.sampling_params(self._room(prompt_ids, "prompt"))
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        first, outputs = await self._start(prompt_ids, params, request_id)
+
+        def response(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+            return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+        if not req.stream:
+            last = first
+            async for last in outputs:
+                pass
+            logprobs = None if last.logprobs is None else self._completion_logprobs(last.token_ids, last.logprobs)
+            choice = CompletionChoice(text=last.text, logprobs=logprobs, finish_reason=last.finish_reason)
+            return _json(response([choice], _usage(last)))
+
+        text_offset = 0
+
+        def chunk(out: RequestOutput) -> CompletionResponse | None:
+            nonlocal text_offset
+            logprobs = None
+            if out.logprobs is not None and out.new_token_ids:
+                logprobs = self._completion_logprobs(out.new_token_ids, out.logprobs[-len(out.new_token_ids):],
+                                                     text_offset)
+                text_offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            if not (out.new_text or out.finished or logprobs):
+                return None
+            return response([CompletionChoice(text=out.new_text, logprobs=logprobs,
+                                              finish_reason=out.finish_reason)])
+
+        usage = (lambda last: response([], _usage(last))) if req.include_usage else None
+        return _EventStream(_events(first, outputs, [], chunk, usage))
+
+    async def chat(self, req: ChatCompletionRequest) -> Response:
+        self._check_model(req.model)
+        prompt_ids = self._apply_chat_template(req)
+        params = req.sampling_params(self._room(prompt_ids, "messages"))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        first, outputs = await self._start(prompt_ids, params, request_id)
+        top_n = req.top_logprobs or 0
+
+        if not req.stream:
+            last = first
+            async for last in outputs:
+                pass
+            logprobs = None if last.logprobs is None else self._chat_logprobs(last.token_ids, last.logprobs, top_n)
+            choice = ChatChoice(message=AssistantMessage(content=last.text), logprobs=logprobs,
+                                finish_reason=last.finish_reason)
+            return _json(ChatCompletionResponse(id=request_id, model=self.model_name, choices=[choice],
+                                                usage=_usage(last)))
+
+        def response(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+        def chunk(out: RequestOutput) -> ChatCompletionChunk | None:
+            logprobs = None
+            if out.logprobs is not None and out.new_token_ids:
+                logprobs = self._chat_logprobs(out.new_token_ids, out.logprobs[-len(out.new_token_ids):], top_n)
+            if not (out.new_text or out.finished or logprobs):
+                return None
+            delta = DeltaMessage(content=out.new_text or None)
+            return response([ChatStreamChoice(delta=delta, logprobs=logprobs, finish_reason=out.finish_reason)])
+
+        role = response([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+        usage = (lambda last: response([], _usage(last))) if req.include_usage else None
+        return _EventStream(_events(first, outputs, [role], chunk, usage))
+
+    # request preparation
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def _apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
+        messages = [m.template_dict() for m in req.messages]
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        except (TemplateError, ValueError) as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+
+    def _room(self, prompt_ids: list[int], param: str) -> int:
+        """Tokens left in the context after the prompt: the default for max_tokens."""
+        room = self.engine.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.engine.max_model_len} tokens. "
+                                f"However, your request has {len(prompt_ids)} input tokens, which leaves no room "
+                                f"for the completion. Please reduce the length of the input.", param=param)
+        return room
+
+    async def _start(self, prompt_ids: list[int], params,
+                     request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+        """Submit a request and wait for its first output; a refusal becomes a 400."""
+        outputs = self._generate(prompt_ids, params, request_id)
+        try:
+            first = await anext(outputs)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return first, outputs
+
+    async def _generate(self, prompt_ids: list[int], params, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one request, counted in the metrics when it ends. Being
+        cancelled (client gone while waiting) or closed early (client gone while sending)
+        aborts the engine request and counts it as aborted."""
+        stream = self.engine.generate(prompt_ids, params, request_id)
+        last = None
+        try:
+            async for last in stream:
+                if last.finished:
+                    self.metrics.record(len(prompt_ids), last, last.finish_reason or "stop")
+                yield last
+        except (asyncio.CancelledError, GeneratorExit):
+            if last is None or not last.finished:
+                self.metrics.record(len(prompt_ids), last, "abort")
+            raise
+        finally:
+            await stream.aclose()
+
+    # response formatting
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]],
+                             start: int = 0) -> CompletionLogprobs:
+        tokens = [self._token(t) for t in token_ids]
+        offsets = list(itertools.accumulate((len(t) for t in tokens), initial=start))[:-1]
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[lp[t] for t, lp in zip(token_ids, logprobs)],
+            top_logprobs=[{self._token(i): v for i, v in _by_logprob(lp)} for lp in logprobs],
+            text_offset=offsets,
+        )
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> dict:
+            token = self._token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return ChatLogprobs(content=[
+            TokenLogprob(**entry(t, lp[t]),
+                         top_logprobs=[TopLogprob(**entry(i, v)) for i, v in _by_logprob(lp)[:top_n]])
+            for t, lp in zip(token_ids, logprobs)
+        ])
+
+
+def _by_logprob(logprobs: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(logprobs.items(), key=lambda item: item[1], reverse=True)
+
+
+def _usage(out: RequestOutput) -> UsageInfo:
+    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _json(body: BaseModel, status: int = 200) -> Response:
+    # pydantic rather than json.dumps: a -inf log-probability becomes null instead of an error.
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def _event(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+async def _events(first: RequestOutput, outputs: AsyncIterator[RequestOutput], head: list[BaseModel],
+                  chunk: Callable[[RequestOutput], BaseModel | None],
+                  usage: Callable[[RequestOutput], BaseModel] | None) -> AsyncIterator[str]:
+    """The SSE body: `head`, a chunk per output that has something to say, the usage chunk
+    when asked for, then `[DONE]`. Once streaming has begun an error can only be reported
+    inside the stream, as vLLM does."""
+    last = first
+    try:
+        for body in head:
+            yield _event(body)
+        if (body := chunk(first)) is not None:
+            yield _event(body)
+        async for last in outputs:
+            if (body := chunk(last)) is not None:
+                yield _event(body)
+        if usage is not None:
+            yield _event(usage(last))
+    except Exception as exc:
+        logger.exception("stream failed")
+        yield _event(ErrorResponse(error=ErrorInfo(message=str(exc), type="server_error")))
+    finally:
+        await outputs.aclose()
+    yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent-event response that closes its generator as soon as sending stops
+    (client gone), so the engine request is aborted at once rather than whenever the
+    generator is garbage-collected. The close is shielded from the cancellation that
+    stopped the sending, so the abort runs to completion."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it (and so aborting its engine request) if the client goes
+    away first; Starlette does not watch for that outside streaming responses."""
+    handler = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not handler.done():
+        handler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await handler
+        return Response(status_code=499)  # nginx's "client closed request", for the access log
+    return handler.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _RequireAPIKey:
+    """ASGI middleware: every /v1 route needs `Authorization: Bearer <key>`; /health and
+    /metrics stay open for probes and scrapers, as in vLLM. Checked before the body is
+    read, so an unauthenticated client learns nothing about request validation."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, self.expected):
+                error = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                                 code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; request validation is a 400 (FastAPI says 422)."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        messages, params = [], []
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err["loc"] if part != "body")
+            if err["type"] == "json_invalid":
+                msg, loc = f"invalid JSON body: {err.get('ctx', {}).get('error', err['msg'])}", ""
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+            messages.append(f"{loc}: {msg}" if loc else msg)
+            if loc:
+                params.append(loc)
+        return APIError(400, "; ".join(dict.fromkeys(messages)), param=params[0] if params else None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return APIError(500, f"internal server error: {exc}", type="server_error").response()

@@ -1,0 +1,331 @@
+"""End-to-end tests of the OpenAI-compatible server.
+
+A real `remp serve` process (real workers, real tiny checkpoint made by
+`remp make-tiny-model`) is driven by the official `openai` client, and by raw HTTP
+where the client would refuse to send the malformed request or hides the wire format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_MODEL_LEN = 256
+STARTUP_TIMEOUT_S = 240
+PROMPT = "The capital of France is"
+
+pytestmark = pytest.mark.slow
+
+
+def remp(*args: str) -> list[str]:
+    return [sys.executable, "-m", "remp.cli", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def remp_server(model: str, log_path: Path, *extra: str) -> Iterator[str]:
+    """Run `remp serve` until /health answers and yield its base URL; then SIGTERM it and
+    expect a clean exit (SIGKILL to its whole session if it hangs, so no worker outlives
+    the test)."""
+    port = free_port()
+    cmd = remp("serve", model, "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
+               "--num-kv-blocks", "128", "--threads-per-worker", "1", *extra)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"remp serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"remp serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("api") / "tiny-gqa"
+    subprocess.run(remp("make-tiny-model", str(out)), cwd=REPO, check=True, capture_output=True, timeout=300)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory) -> Iterator[str]:
+    with remp_server(model_dir, tmp_path_factory.mktemp("logs") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def complete(client: openai.OpenAI, model: str, **kwargs):
+    kwargs.setdefault("max_tokens", 8)
+    kwargs.setdefault("temperature", 0)
+    return client.completions.create(model=model, prompt=kwargs.pop("prompt", PROMPT), **kwargs)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+# --- happy paths through the official client -------------------------------------------
+
+
+def test_models_list(client, model_dir):
+    [card] = client.models.list().data
+    assert card.id == model_dir
+    assert card.owned_by == "remp"
+    assert card.model_extra["root"] == model_dir
+    assert card.model_extra["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_completion_and_usage(client, model_dir, tokenizer):
+    out = complete(client, model_dir, max_tokens=6, extra_body={"ignore_eos": True})
+    [choice] = out.choices
+    assert out.object == "text_completion" and out.model == model_dir
+    assert choice.text and choice.finish_reason == "length"
+    prompt_tokens = len(tokenizer.encode(PROMPT))
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_tokens, 6)
+    assert out.usage.total_tokens == prompt_tokens + 6
+
+
+def test_completion_stream_matches_non_stream(client, model_dir):
+    whole = complete(client, model_dir, max_tokens=10, extra_body={"ignore_eos": True}).choices[0].text
+    chunks = list(complete(client, model_dir, max_tokens=10, stream=True, stream_options={"include_usage": True},
+                           extra_body={"ignore_eos": True}))
+    text_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert "".join(c.choices[0].text for c in text_chunks) == whole
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 10
+
+
+def test_greedy_is_deterministic(client, model_dir):
+    first, second = (complete(client, model_dir, max_tokens=12, extra_body={"ignore_eos": True}) for _ in range(2))
+    assert first.choices[0].text == second.choices[0].text
+
+
+def test_seeded_sampling_is_reproducible(client, model_dir):
+    texts = {complete(client, model_dir, max_tokens=12, temperature=1.0, seed=1234,
+                      extra_body={"ignore_eos": True}).choices[0].text for _ in range(2)}
+    assert len(texts) == 1
+
+
+def test_token_id_prompt(client, model_dir, tokenizer):
+    by_text = complete(client, model_dir).choices[0].text
+    by_ids = complete(client, model_dir, prompt=tokenizer.encode(PROMPT)).choices[0].text
+    assert by_ids == by_text
+
+
+def test_stop_string(client, model_dir):
+    free = complete(client, model_dir, max_tokens=24, extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    out = complete(client, model_dir, max_tokens=24, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free[:free.index(stop)]
+
+
+def test_finish_reason_length(client, model_dir):
+    out = complete(client, model_dir, max_tokens=5, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 5
+
+
+def test_chat(client, model_dir, tokenizer):
+    messages = [{"role": "user", "content": "What is one plus one?"}]
+    out = client.chat.completions.create(model=model_dir, messages=messages, max_completion_tokens=6,
+                                         temperature=0, extra_body={"ignore_eos": True})
+    [choice] = out.choices
+    assert out.object == "chat.completion"
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt_ids), 6)
+
+    streamed = client.chat.completions.create(model=model_dir, messages=messages, max_completion_tokens=6,
+                                              temperature=0, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == choice.message.content
+
+
+def test_chat_stream_wire_format(server, model_dir):
+    body = {"model": model_dir, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_completion_logprobs(client, model_dir):
+    out = complete(client, model_dir, max_tokens=4, logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    assert len(out.logprobs.tokens) == len(out.logprobs.token_logprobs) == 4
+    assert all(lp <= 0 for lp in out.logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 3 for top in out.logprobs.top_logprobs)  # top 2, plus the chosen token
+
+
+# --- bad requests: OpenAI-shaped errors, and the server keeps serving -------------------
+
+
+BAD_REQUESTS = {
+    "malformed json": ("/v1/completions", b'{"model": "m", "prompt": ', 400),
+    "missing model": ("/v1/completions", {"prompt": "hi"}, 400),
+    "missing prompt": ("/v1/completions", {"model": None}, 400),
+    "missing messages": ("/v1/chat/completions", {"model": None}, 400),
+    "max_tokens 0": ("/v1/completions", {"model": None, "prompt": "hi", "max_tokens": 0}, 400),
+    "max_tokens past context": ("/v1/completions", {"model": None, "prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400),
+    "prompt past context": ("/v1/completions", {"model": None, "prompt": "hello " * (2 * MAX_MODEL_LEN)}, 400),
+    "chat max_completion_tokens 0": ("/v1/chat/completions", {"model": None, "max_completion_tokens": 0,
+                                                              "messages": [{"role": "user", "content": "hi"}]}, 400),
+    "n=2": ("/v1/completions", {"model": None, "prompt": "hi", "n": 2}, 400),
+    "two prompts": ("/v1/completions", {"model": None, "prompt": ["a", "b"]}, 400),
+    "token id out of vocabulary": ("/v1/completions", {"model": None, "prompt": [10**6]}, 400),
+    "unknown model": ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_request(server, client, model_dir, name):
+    path, body, status = BAD_REQUESTS[name]
+    if isinstance(body, bytes):
+        response = httpx.post(f"{server}{path}", content=body, headers={"content-type": "application/json"})
+    else:
+        body = {k: model_dir if k == "model" and v is None else v for k, v in body.items()}
+        response = httpx.post(f"{server}{path}", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if name == "unknown model":
+        assert error["message"] == "The model `no-such-model` does not exist."
+    if "context" in name:
+        assert "maximum context length" in error["message"].lower()
+    assert complete(client, model_dir, max_tokens=1).choices[0].text is not None
+
+
+# --- metrics and aborts -----------------------------------------------------------------
+
+
+def test_metrics(server, client, model_dir):
+    complete(client, model_dir, max_tokens=3, extra_body={"ignore_eos": True})
+    samples = scrape(server)
+    assert metric(samples, "remp:request_success_total", finished_reason="length") >= 1
+    assert metric(samples, "remp:prompt_tokens_total") > 0
+    assert metric(samples, "remp:generation_tokens_total") >= 3
+    for histogram in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert metric(samples, f"remp:{histogram}_count") >= 1
+    assert metric(samples, "remp:tensor_parallel_size") == 1
+    assert metric(samples, "remp:pipeline_parallel_size") == 1
+    assert metric(samples, "remp:num_kv_blocks") == 128
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert ("remp:" + gauge, (("model_name", model_dir),)) in samples
+    assert ("remp:num_preemptions_total", (("model_name", model_dir),)) in samples
+
+
+def test_client_disconnect_aborts_request(server, model_dir):
+    aborted_before = metric(scrape(server), "remp:request_success_total", finished_reason="abort")
+    body = {"model": model_dir, "prompt": "hi", "max_tokens": MAX_MODEL_LEN - 8, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())  # the request is running; now hang up
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(server)
+        if (metric(samples, "remp:request_success_total", finished_reason="abort") > aborted_before
+                and metric(samples, "remp:num_requests_running") == 0):
+            break
+        assert time.monotonic() < deadline, "the disconnected request was not aborted"
+        time.sleep(0.2)
+
+
+# --- API key ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_dir, tmp_path_factory) -> Iterator[str]:
+    with remp_server(model_dir, tmp_path_factory.mktemp("logs") / "serve-key.log",
+                     "--api-key", "s3cret", "--served-model-name", "tiny") as url:
+        yield url
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}])
+def test_api_key_refused(keyed_server, headers):
+    response = httpx.get(f"{keyed_server}/v1/models", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_api_key_accepted_and_served_model_name(keyed_server, model_dir):
+    client = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key="s3cret", max_retries=0, timeout=60)
+    [card] = client.models.list().data
+    assert (card.id, card.model_extra["root"]) == ("tiny", model_dir)
+    assert complete(client, "tiny", max_tokens=2).choices[0].text is not None
+    with pytest.raises(openai.NotFoundError):
+        complete(client, model_dir, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed_server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{keyed_server}/health").status_code == 200
+    assert httpx.get(f"{keyed_server}/metrics").status_code == 200
+
+
+# --- CLI --------------------------------------------------------------------------------
+
+
+def test_serve_refuses_invalid_layout(model_dir):
+    result = subprocess.run(remp("serve", model_dir, "-tp", "3"), cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "tensor_parallel_size 3" in result.stderr and "heads" in result.stderr
+    assert "Traceback" not in result.stderr
