@@ -1,0 +1,182 @@
+"""Deterministic tiny Hugging Face checkpoints for tests.
+
+Tests need real checkpoints (config.json, safetensors, tokenizer files, chat
+template) that load through the same code paths as a downloaded model, but
+nothing may be fetched from a model hub here.  So we build them with the
+libraries' own constructors and ``save_pretrained``: a byte-level BPE trained
+on a small built-in corpus, and a randomly initialised Llama or Qwen2 model.
+The same arguments always give byte-identical files, so expected outputs can
+be compared across runs and processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VARIANTS = ("gqa", "mha", "qwen2")
+
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 512
+
+# Weight std.  With HF's usual 0.02 (and still at 0.1) the residual stream is
+# dominated by the current token's embedding, so greedy decoding of the tied
+# variants falls into a few repeated tokens.  0.2 gives 24-31 distinct tokens
+# in 32 greedy steps on every variant, with a median top-1/top-2 logit margin
+# of ~0.4 and none below 4e-3, so engines can be compared token by token.
+INITIALIZER_RANGE = 0.2
+
+# ChatML, as SmolLM2-Instruct uses, without its default system prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+The capital of France is Paris. The capital of Germany is Berlin, and the
+capital of Italy is Rome. Paris is known for the Eiffel Tower, the Louvre and
+the river Seine, which flows through the middle of the city.
+
+A language model reads a sequence of tokens and predicts the next one. During
+generation the model appends each predicted token to the sequence and runs
+again, so the cost of every step depends on how much of the previous work can
+be kept in a cache of keys and values.
+
+When a user asks a question, the assistant should answer clearly and briefly.
+What is one plus one? One plus one is two. What is two plus two? Two plus two
+is four. Can you write a short poem about the sea? The sea is wide and grey,
+the waves come in and go away, and the gulls call out at the end of the day.
+
+Large models are often split across several devices. Tensor parallelism cuts
+each weight matrix into slices, so every device holds a part of every layer.
+Pipeline parallelism gives each device a contiguous range of layers instead,
+and passes the hidden states from one stage to the next. A server that can
+change its layout while it is running must move weights and cached state
+between devices without losing the requests that are in flight.
+
+The quick brown fox jumps over the lazy dog. She sells sea shells by the sea
+shore. Numbers such as 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100 and 2024 appear
+in text as well, together with punctuation: commas, full stops, question marks?
+exclamation marks! colons: semicolons; quotes "like this" and (brackets).
+"""
+
+
+def make_tiny_model(
+    out_dir: str | os.PathLike[str],
+    variant: str = "gqa",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a tiny random-weight HF checkpoint of ``variant`` into ``out_dir``.
+
+    ``variant`` is "gqa" (Llama, 8 query / 2 KV heads, untied embeddings),
+    "mha" (Llama, 4 / 4 heads, tied) or "qwen2" (Qwen2 with qkv bias, 4 / 2
+    heads, tied).  With ``max_shard_size`` (e.g. "200KB") the weights are split
+    into several safetensors files plus an index, to exercise sharded loading.
+    Returns the directory.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny model variant {variant!r}; expected one of {VARIANTS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer()
+    config = _build_config(variant, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_norms_and_biases(model)
+    # pad_token_id lives only here: in the model config it would make HF zero
+    # the eos row of the embedding (padding_idx), and with tied weights pin the
+    # eos logit at exactly 0.
+    eos_id = config.eos_token_id
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False
+    )
+    save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out, safe_serialization=True, **save_kwargs)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _randomize_norms_and_biases(model: torch.nn.Module) -> None:
+    """Give RMSNorm weights and biases random values instead of HF's 1 and 0.
+
+    With the defaults an engine that skipped or swapped these tensors would
+    still reproduce the reference outputs; random values make tests catch it.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, INITIALIZER_RANGE)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, INITIALIZER_RANGE)
+
+
+def _build_tokenizer() -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the built-in corpus to exactly ``VOCAB_SIZE`` tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.split("\n\n"), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    if len(fast) != VOCAB_SIZE:
+        raise RuntimeError(f"tiny tokenizer has {len(fast)} tokens, expected {VOCAB_SIZE}")
+    return fast
+
+
+def _build_config(variant: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """Return the transformers config for a validated ``variant``, sized to ``tokenizer``."""
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6,
+        initializer_range=INITIALIZER_RANGE,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        dtype="float32",
+    )
+    if variant == "gqa":
+        return LlamaConfig(
+            num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, **common
+        )
+    if variant == "mha":
+        return LlamaConfig(
+            num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, **common
+        )
+    return Qwen2Config(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common
+    )
