@@ -157,3 +157,21 @@ def test_sampler():
 def test_sampling_params_validation(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kwargs).validate()
+
+
+def test_unsupported_architecture_is_named(tiny_gqa, tmp_path):
+    import json
+    import shutil
+
+    from remp.config import ModelError
+
+    model = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_gqa, model)
+    cfg_file = model / "config.json"
+    cfg_json = json.loads(cfg_file.read_text())
+    cfg_json["architectures"] = ["FalconForCausalLM"]
+    cfg_file.write_text(json.dumps(cfg_json))
+    with pytest.raises(ModelError, match="unsupported architecture 'FalconForCausalLM'.*LlamaForCausalLM"):
+        ModelConfig.from_pretrained(model)
+    with pytest.raises(ModelError, match="no config.json"):
+        ModelConfig.from_pretrained(tmp_path)

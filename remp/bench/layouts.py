@@ -75,10 +75,13 @@ def hf_throughput(model: str, prompts: list[list[int]], output_len: int, batched
                   pad_token_id=hf.config.eos_token_id if isinstance(hf.config.eos_token_id, int) else 0)
     groups = [prompts] if batched else [[p] for p in prompts]  # equal lengths: no padding needed
     with torch.inference_mode():
-        hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=kwargs["pad_token_id"])
+        warm = torch.tensor([prompts[0]])
+        hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False,
+                    pad_token_id=kwargs["pad_token_id"])
         t0 = time.perf_counter()
         for g in groups:
-            hf.generate(torch.tensor(g), **kwargs)
+            ids = torch.tensor(g)
+            hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         return len(prompts) * output_len / (time.perf_counter() - t0)
 
 

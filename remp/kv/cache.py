@@ -42,8 +42,10 @@ class KVCache:
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of whole block tables [B, max_blocks] as [B, kv_heads, max_blocks*block_size, head_dim]."""
-        kv = self.layers[layer][block_tables]  # [B, nb, 2, bs, h, d]
-        b, nb, _, bs, h, d = kv.shape
-        k = kv[:, :, 0].reshape(b, nb * bs, h, d).transpose(1, 2)
-        v = kv[:, :, 1].reshape(b, nb * bs, h, d).transpose(1, 2)
+        cache = self.layers[layer]
+        b, nb = block_tables.shape
+        _, _, bs, h, d = cache.shape
+        # Index the key and value views separately: one copy each, already contiguous per sequence.
+        k = cache[:, 0][block_tables].view(b, nb * bs, h, d).transpose(1, 2)
+        v = cache[:, 1][block_tables].view(b, nb * bs, h, d).transpose(1, 2)
         return k, v
