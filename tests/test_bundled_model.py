@@ -36,7 +36,7 @@ def test_capital_of_france_matches_transformers_under_tp3_and_pp4(bundled):
     engine = LLMEngine(EngineConfig(model=bundled, worker_pool_size=4, max_model_len=256, kv_cache_space_gb=0.1))
     try:
         for tp, pp in [(3, 1), (1, 4)]:
-            engine.set_topology(Topology(tp, pp))
+            engine.reconfigure(Topology(tp, pp), lambda outs: None)
             engine.add_request(f"tp{tp}pp{pp}", prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
             outs = []
             while engine.has_unfinished():

@@ -1,7 +1,7 @@
 """Greedy tokens and log-probabilities equal Hugging Face transformers' under every layout.
 
 One pool of 4 worker processes serves the whole module; between layouts the idle engine
-is re-laid out (set_topology), which costs a shard reload instead of a process start.
+is switched to the next layout (reconfigure), which costs a shard reload instead of a process start.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def engine(tiny_gqa):
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_greedy_matches_transformers(engine, reference, tp, pp):
-    engine.set_topology(Topology(tp, pp))
+    engine.reconfigure(Topology(tp, pp), lambda outs: None)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=5)
     outs = run(engine, PROMPTS, params)
     for out, (ref_tokens, ref_lps) in zip(outs, reference):
@@ -70,7 +70,7 @@ def test_greedy_matches_transformers(engine, reference, tp, pp):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)], ids=["tp1pp1", "tp2pp2"])
 def test_staggered_batch_equals_alone(engine, reference, tp, pp):
-    engine.set_topology(Topology(tp, pp))
+    engine.reconfigure(Topology(tp, pp), lambda outs: None)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     outs = run(engine, PROMPTS, params, stagger=2)
     assert [o.token_ids for o in outs] == [r[0] for r in reference]
@@ -80,7 +80,7 @@ def test_sampled_requests_repeat_with_seed_across_layouts(engine):
     params = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     seen = []
     for tp, pp in [(1, 1), (2, 2)]:
-        engine.set_topology(Topology(tp, pp))
+        engine.reconfigure(Topology(tp, pp), lambda outs: None)
         seen.append([o.token_ids for o in run(engine, PROMPTS[:2], params)])
     assert seen[0] == seen[1]
     greedy = run(engine, PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))

@@ -17,6 +17,7 @@ from remp.config import EngineConfig
 from remp.engine.llm_engine import EngineStats, LLMEngine
 from remp.engine.outputs import RequestOutput
 from remp.engine.sampling import SamplingParams
+from remp.reconfig.transaction import ReconfigInProgress, ReconfigResult
 from remp.topology import Topology
 
 log = logging.getLogger("remp.engine")
@@ -38,6 +39,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self._reconfiguring = False
         self._thread = threading.Thread(target=self._loop, name="remp-engine", daemon=True)
         self._thread.start()
 
@@ -88,14 +90,51 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def reconfigure(self, target: Topology) -> ReconfigResult:
+        """Switch the layout while serving. Raises TopologyError/ValueError for a target that cannot
+        run (nothing changes) and ReconfigInProgress while another switch runs."""
+        if self._reconfiguring:
+            raise ReconfigInProgress("a layout switch is already running")
+        if not self.alive:
+            raise EngineDeadError(f"the engine has stopped: {self.error}")
+        target.validate(self.model_config, self.config.pool_size)
+        self._reconfiguring = True
+        try:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            self._inbox.put(("reconfigure", target, loop, done))
+            return await done
+        finally:
+            self._reconfiguring = False
+
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
 
+    def _pump(self, outputs: list[RequestOutput]) -> None:
+        """Deliver outputs, then admit requests that arrived meanwhile (also mid-switch)."""
+        for out in outputs:
+            self._deliver(out.request_id, out)
+        try:
+            while True:
+                self._handle(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _reconfigure(self, target: Topology, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        try:
+            result = self.engine.reconfigure(target, self._pump)
+        except Exception as exc:  # an invalid target, or a failure the abort could not undo
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, result)
+
     def _handle(self, msg: tuple) -> None:
-        if msg[0] == "add":
+        if msg[0] == "reconfigure":
+            self._reconfigure(*msg[1:])
+        elif msg[0] == "add":
             _, request_id, prompt, params = msg
             try:
                 self.engine.add_request(request_id, prompt, params)
@@ -107,16 +146,12 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                block = not self.engine.has_unfinished()
-                try:
-                    msg = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
-                    self._handle(msg)
-                    while True:
-                        self._handle(self._inbox.get_nowait())
-                except queue.Empty:
-                    pass
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                if not self.engine.has_unfinished():
+                    try:
+                        self._handle(self._inbox.get(timeout=0.1))
+                    except queue.Empty:
+                        continue
+                self._pump(self.engine.step())
         except BaseException as exc:  # a dead worker ends serving; tell every waiting request why
             log.exception("engine loop failed")
             self.error = exc

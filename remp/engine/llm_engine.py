@@ -10,6 +10,7 @@ import itertools
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from remp.config import EngineConfig, ModelConfig, resolve_dtype
@@ -21,6 +22,7 @@ from remp.executor.local import LocalExecutor
 from remp.executor.messages import SeqWork, StepCommand
 from remp.kv.blocks import BlockManager
 from remp.kv.cache import blocks_for_budget
+from remp.reconfig.transaction import ReconfigResult, run_transaction
 from remp.topology import Topology
 
 
@@ -56,11 +58,11 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        num_blocks = self._num_blocks(topo)
+        num_blocks = self.num_blocks_for(topo)
         self.executor = LocalExecutor(config.model, config.pool_size, str(self.dtype).removeprefix("torch."),
                                       config.device)
         try:
-            self.executor.load(topo, num_blocks, config.block_size, self._threads(topo))
+            self.executor.load(topo, num_blocks, config.block_size, self.threads_for(topo))
         except BaseException:
             self.executor.shutdown()
             raise
@@ -77,7 +79,7 @@ class LLMEngine:
         self.control_plane_s = 0.0
         self.step_wall_s = 0.0
 
-    def _num_blocks(self, topo: Topology) -> int:
+    def num_blocks_for(self, topo: Topology) -> int:
         cfg = self.config
         num_blocks = cfg.num_kv_blocks or blocks_for_budget(self.model_config, topo, cfg.block_size, self.dtype,
                                                             cfg.kv_cache_space_gb * 2**30)
@@ -86,17 +88,7 @@ class LLMEngine:
                              f"max_model_len {self.max_model_len}: raise --kv-cache-space or lower --max-model-len")
         return num_blocks
 
-    def set_topology(self, topo: Topology) -> None:
-        """Re-lay an idle engine out as `topo` (stop the world: no request may be in the engine).
-        Changing the layout under live requests is the reconfiguration transaction's job."""
-        if self.has_unfinished():
-            raise RuntimeError("set_topology needs an idle engine")
-        topo.validate(self.model_config, self.config.pool_size)
-        num_blocks = self._num_blocks(topo)
-        self.executor.load(topo, num_blocks, self.config.block_size, self._threads(topo))
-        self.scheduler.blocks = BlockManager(num_blocks, self.config.block_size)
-
-    def _threads(self, topo: Topology) -> int:
+    def threads_for(self, topo: Topology) -> int:
         return self.config.threads_per_worker or max(1, (os.cpu_count() or 1) // topo.world_size)
 
     @property
@@ -157,14 +149,17 @@ class LLMEngine:
         self.control_plane_s += self._submit_times[step_id] - t0
 
     def step(self) -> list[RequestOutput]:
+        """Fill the pipeline, then book the oldest step's tokens."""
         pp = self.topology.pp
         while len(self.executor.in_flight) < pp:
             items = self.scheduler.schedule(pp - len(self.executor.in_flight))
             if not items:
                 break
             self._submit(items)
-        if not self.executor.in_flight:
-            return []
+        return self.collect() if self.executor.in_flight else []
+
+    def collect(self) -> list[RequestOutput]:
+        """Wait for the oldest step in flight and book its tokens (submits nothing)."""
         result = self.executor.next_result()
         self.step_wall_s += time.perf_counter() - self._submit_times.pop(result.step_id)
         self.control_plane_s += result.parse_s
@@ -205,6 +200,19 @@ class LLMEngine:
                              new_token_ids=[token], finished=reason is not None, finish_reason=reason,
                              logprobs=list(seq.logprobs) if p.logprobs is not None else None, metrics=m,
                              num_preemptions=seq.num_preemptions)
+
+    def reconfigure(self, target: Topology, on_outputs: Callable[[list[RequestOutput]], None]) -> ReconfigResult:
+        """Switch the layout live (see remp.reconfig.transaction); call between steps."""
+        return run_transaction(self, target, on_outputs)
+
+    def kv_digests(self, blocks: list[int]) -> dict[str, set[str]]:
+        """Hash of every (layer, KV head, block) slice, gathered over the ranks holding it
+        (replicated heads give one hash per holder, all equal unless something is wrong)."""
+        out: dict[str, set[str]] = {}
+        for digests in self.executor.kv_digests(blocks).values():
+            for key, value in digests.items():
+                out.setdefault(key, set()).add(value)
+        return out
 
     def stats(self) -> EngineStats:
         s = self.scheduler

@@ -129,6 +129,16 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
+    def shrink_to(self, num_blocks: int) -> list[str]:
+        """Preempt the newest running requests until the live blocks fit in `num_blocks` (a
+        smaller cache after a layout switch); returns their request ids."""
+        preempted = []
+        while sum(len(s.block_ids) for s in self.running) > num_blocks:
+            victim = self.running[-1]
+            self.preempt(victim)
+            preempted.append(victim.request_id)
+        return preempted
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence and free its blocks (at once unless a step still holds it)."""
         seq.finish_reason = reason

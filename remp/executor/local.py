@@ -20,8 +20,8 @@ from collections import deque
 
 import zmq
 
-from remp.executor.messages import (LoadCommand, ShutdownCommand, StepCommand, StepResult, WorkerReply,
-                                    decode, encode)
+from remp.executor.messages import (AbortCommand, CommitCommand, DigestCommand, MigrateCommand, PrepareCommand,
+                                    ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.topology import Topology
 
 
@@ -62,48 +62,88 @@ class LocalExecutor:
         self.topology: Topology | None = None
         self.in_flight: deque[int] = deque()
         self._early: dict[int, StepResult] = {}
+        self._replies: dict[tuple[str, int], WorkerReply] = {}
         self._wait_replies("ready", range(pool_size), start_timeout_s)
+
+    def _poll(self, timeout_ms: int):
+        """The next message if one arrives within `timeout_ms`, else None; a worker's error report raises."""
+        if not self._results.poll(timeout_ms):
+            return None
+        msg = decode(self._results.recv())
+        if isinstance(msg, WorkerReply) and msg.kind == "error":
+            raise WorkerError(f"worker {msg.rank} failed: {msg.message}")
+        return msg
 
     def _recv(self, timeout_s: float):
         """Next message from any worker; raises WorkerError if a worker dies or time runs out."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            if self._results.poll(100):
-                msg = decode(self._results.recv())
-                if isinstance(msg, WorkerReply) and msg.kind == "error":
-                    raise WorkerError(f"worker {msg.rank} failed: {msg.message}")
-                return msg
+        while (msg := self._poll(100)) is None:
             dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs) if p.poll() is not None]
             if dead:
                 raise WorkerError(f"worker process exited: {', '.join(dead)}")
             if time.monotonic() > deadline:
                 raise WorkerError(f"no answer from the workers within {timeout_s:.0f} s")
+        return msg
+
+    def _take(self, msg) -> None:
+        """File a message that is not the one being waited for."""
+        if isinstance(msg, StepResult):
+            self._early[msg.step_id] = msg
+        else:
+            self._replies[(msg.kind, msg.rank)] = msg
+
+    def has_replies(self, kind: str, ranks) -> bool:
+        """True once every rank in `ranks` has answered `kind`; never blocks."""
+        while (msg := self._poll(0)) is not None:
+            self._take(msg)
+        return all((kind, r) in self._replies for r in ranks)
 
     def _wait_replies(self, kind: str, ranks, timeout_s: float) -> dict[int, WorkerReply]:
-        waiting, got = set(ranks), {}
+        ranks = list(ranks)
         deadline = time.monotonic() + timeout_s
-        while waiting:
-            msg = self._recv(max(0.0, deadline - time.monotonic()))
-            if isinstance(msg, StepResult):
-                self._early[msg.step_id] = msg
-                continue
-            if msg.kind == kind and msg.rank in waiting:
-                waiting.discard(msg.rank)
-                got[msg.rank] = msg
-        return got
+        while not all((kind, r) in self._replies for r in ranks):
+            self._take(self._recv(max(0.0, deadline - time.monotonic())))
+        return {r: self._replies.pop((kind, r)) for r in ranks}
 
-    def load(self, topo: Topology, num_blocks: int, block_size: int, threads: int,
-             timeout_s: float = 300.0) -> dict[int, dict]:
-        """Put every pool worker on `topo` (ranks outside it go standby). Not for use with
-        steps in flight: a live switch is a reconfiguration transaction."""
-        assert not self.in_flight, "load() with steps in flight"
-        cmd = encode(LoadCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size,
-                                 threads=threads))
-        for sock in self._cmds:
-            sock.send(cmd)
-        replies = self._wait_replies("loaded", range(self.pool_size), timeout_s)
+    def _broadcast(self, cmd, ranks=None) -> None:
+        data = encode(cmd)
+        for rank in range(self.pool_size) if ranks is None else ranks:
+            self._cmds[rank].send(data)
+
+    # layout changes: prepare (while serving) -> migrate -> commit, or abort
+    def prepare(self, topo: Topology, num_blocks: int, block_size: int) -> None:
+        """Ask every pool worker to get ready for `topo`; answers arrive while steps go on."""
+        self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size))
+
+    def wait_prepared(self, timeout_s: float) -> dict[int, dict]:
+        return {r: m.info for r, m in self._wait_replies("prepared", range(self.pool_size), timeout_s).items()}
+
+    def migrate(self, transfers: list[list[int]], src_blocks: list[int], dst_blocks: list[int],
+                timeout_s: float) -> dict[int, dict]:
+        assert not self.in_flight, "migrate() with steps in flight"
+        self._broadcast(MigrateCommand(transfers, src_blocks, dst_blocks))
+        return {r: m.info for r, m in self._wait_replies("migrated", range(self.pool_size), timeout_s).items()}
+
+    def commit(self, topo: Topology, threads: int, timeout_s: float) -> None:
+        self._broadcast(CommitCommand(threads=threads))
+        self._wait_replies("committed", range(self.pool_size), timeout_s)
         self.topology = topo
-        return {r: m.info for r, m in replies.items()}
+
+    def abort(self, timeout_s: float) -> None:
+        self._broadcast(AbortCommand())
+        self._wait_replies("aborted", range(self.pool_size), timeout_s)
+
+    def load(self, topo: Topology, num_blocks: int, block_size: int, threads: int, timeout_s: float = 300.0) -> None:
+        """Put an idle pool on `topo` (nothing live to carry over)."""
+        assert not self.in_flight, "load() with steps in flight"
+        self.prepare(topo, num_blocks, block_size)
+        self.wait_prepared(timeout_s)
+        self.commit(topo, threads, timeout_s)
+
+    def kv_digests(self, blocks: list[int], timeout_s: float = 60.0) -> dict[int, dict[str, str]]:
+        """Per rank, sha1 of each (layer, KV head, block) slice it holds."""
+        self._broadcast(DigestCommand(blocks))
+        return {r: m.info for r, m in self._wait_replies("digest", range(self.pool_size), timeout_s).items()}
 
     def submit(self, cmd: StepCommand) -> None:
         data = encode(cmd)
@@ -115,9 +155,7 @@ class LocalExecutor:
         """The result of the oldest step in flight (steps complete in submission order)."""
         step_id = self.in_flight[0]
         while step_id not in self._early:
-            msg = self._recv(timeout_s)
-            if isinstance(msg, StepResult):
-                self._early[msg.step_id] = msg
+            self._take(self._recv(timeout_s))
         self.in_flight.popleft()
         return self._early.pop(step_id)
 

@@ -33,14 +33,43 @@ class StepCommand:
 
 
 @dataclass
-class LoadCommand:
-    """Take on a layout: build its groups, slice this rank's shard, allocate KV."""
+class PrepareCommand:
+    """Get ready for a layout while the current one keeps serving: build its groups (every pool
+    rank, collectively), slice this rank's shard from the weight store, allocate its KV."""
 
     tp: int
     pp: int
     num_blocks: int
     block_size: int
+
+
+@dataclass
+class MigrateCommand:
+    """Copy live KV into the prepared layout: transfers as [layer, src_rank, dst_rank, src_head,
+    dst_head, num_heads]; block src_blocks[i] of the old cache becomes dst_blocks[i] of the new."""
+
+    transfers: list[list[int]]
+    src_blocks: list[int]
+    dst_blocks: list[int]
+
+
+@dataclass
+class CommitCommand:
+    """Switch to the prepared layout and free the old one (or go standby)."""
+
     threads: int
+
+
+@dataclass
+class AbortCommand:
+    """Drop the prepared layout; keep serving on the current one."""
+
+
+@dataclass
+class DigestCommand:
+    """Report hashes of this rank's KV slices for the given blocks."""
+
+    blocks: list[int]
 
 
 @dataclass
@@ -62,12 +91,13 @@ class WorkerReply:
     """Acknowledgement (ok) or failure report of one worker for one command."""
 
     rank: int
-    kind: str  # "ready" | "loaded" | "error"
+    kind: str  # "ready" | "prepared" | "migrated" | "committed" | "aborted" | "digest" | "error"
     message: str = ""
     info: dict = field(default_factory=dict)
 
 
-_TYPES = {cls.__name__: cls for cls in (StepCommand, LoadCommand, ShutdownCommand, StepResult, WorkerReply)}
+_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, MigrateCommand, CommitCommand, AbortCommand,
+                                        DigestCommand, ShutdownCommand, StepResult, WorkerReply)}
 
 
 def encode(msg) -> bytes:

@@ -13,12 +13,15 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, used: list[int] = ()):
+        """A pool of `num_blocks` ids of which `used` are already taken (by requests carried
+        over from another layout)."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        taken = set(used)
+        self._free = [b for b in range(num_blocks - 1, -1, -1) if b not in taken]  # pop() hands out low ids first
 
     @property
     def num_free(self) -> int:

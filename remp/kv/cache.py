@@ -25,13 +25,23 @@ def blocks_for_budget(model: ModelConfig, topo: Topology, block_size: int, dtype
 
 class KVCache:
     def __init__(self, model: ModelConfig, topo: Topology, rank: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, reuse: "KVCache | None" = None):
+        """Allocate this rank's cache under `topo`. Layers whose tensor in `reuse` (the cache of
+        the layout being left) already has the right heads and size are shared, not copied: the
+        data is in place and serving may keep writing it until the switch."""
         stage, t = topo.coords(rank)
         self.block_size = block_size
-        kv_heads = len(topo.kv_heads_of(t, model.num_kv_heads))
-        self.layers = {layer: torch.zeros(num_blocks, 2, block_size, kv_heads, model.head_dim,
-                                          dtype=dtype, device=device)
-                       for layer in topo.layers_of(stage, model.num_layers)}
+        self.kv_heads = topo.kv_heads_of(t, model.num_kv_heads)
+        shape = (num_blocks, 2, block_size, len(self.kv_heads), model.head_dim)
+        self.layers: dict[int, torch.Tensor] = {}
+        self.reused: set[int] = set()
+        for layer in topo.layers_of(stage, model.num_layers):
+            old = reuse.layers.get(layer) if reuse is not None else None
+            if old is not None and reuse.kv_heads == self.kv_heads and tuple(old.shape) == shape:
+                self.layers[layer] = old
+                self.reused.add(layer)
+            else:
+                self.layers[layer] = torch.zeros(shape, dtype=dtype, device=device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [T, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
@@ -39,6 +49,19 @@ class KVCache:
         blocks, offsets = slots // self.block_size, slots % self.block_size
         cache[blocks, 0, offsets] = k
         cache[blocks, 1, offsets] = v
+
+    def digests(self, blocks: list[int]) -> dict[str, str]:
+        """sha1 of every (layer, global KV head, block) slice: lets a test compare KV bytes
+        across layouts without shipping the cache."""
+        import hashlib
+
+        out = {}
+        for layer, cache in self.layers.items():
+            for i, head in enumerate(self.kv_heads):
+                for b in blocks:
+                    data = cache[b, :, :, i].contiguous().cpu().numpy().tobytes()
+                    out[f"{layer}:{head}:{b}"] = hashlib.sha1(data).hexdigest()
+        return out
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of whole block tables [B, max_blocks] as [B, kv_heads, max_blocks*block_size, head_dim]."""

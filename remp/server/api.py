@@ -13,6 +13,7 @@ import contextlib
 import copy
 import hmac
 import itertools
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +30,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remp import __version__
 from remp.engine.outputs import RequestOutput
+from remp.reconfig.transaction import ReconfigInProgress
 from remp.server.metrics import ServerMetrics
+from remp.topology import Topology
 from remp.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,6 +50,7 @@ from remp.server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    ReconfigureRequest,
     TokenLogprob,
     TopLogprob,
     UsageInfo,
@@ -91,6 +95,26 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
         card = ModelCard(id=engine.served_model_name, root=engine.config.model,
                          max_model_len=engine.max_model_len)
         return _json(ModelList(data=[card]))
+
+    @app.get("/v1/admin/topology")
+    async def topology() -> Response:
+        topo, stats = engine.topology, engine.stats()
+        pool = engine.config.pool_size
+        return Response(json.dumps({
+            "tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp, "worker_pool_size": pool,
+            "active_ranks": list(range(topo.world_size)), "standby_ranks": list(range(topo.world_size, pool)),
+            "num_kv_blocks": stats.num_kv_blocks}), media_type="application/json")
+
+    @app.post("/v1/admin/reconfigure")
+    async def reconfigure(body: ReconfigureRequest) -> Response:
+        try:
+            result = await engine.reconfigure(Topology(body.tensor_parallel_size, body.pipeline_parallel_size))
+        except ReconfigInProgress as exc:
+            raise APIError(409, str(exc), code="reconfiguration_in_progress") from None
+        except ValueError as exc:  # TopologyError, or a KV cache too small for the target
+            raise APIError(400, str(exc)) from None
+        metrics.record_reconfiguration(result)
+        return Response(json.dumps(result.to_dict()), media_type="application/json")
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Response:

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from remp.engine.outputs import RequestOutput
+from remp.reconfig.transaction import ReconfigResult
 
 # vLLM's buckets, so dashboards built for vLLM read remp unchanged.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -22,6 +23,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0, 7680.0)
+SWITCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class ServerMetrics:
@@ -43,6 +45,11 @@ class ServerMetrics:
                               buckets=TPOT_BUCKETS, registry=reg)
         self.e2e = Histogram("remp:e2e_request_latency_seconds", "Arrival to finish.", labels,
                              buckets=E2E_BUCKETS, registry=reg)
+        self.reconfigurations = Counter("remp:reconfigurations", "Layout switches by outcome.",
+                                        labels + ["outcome"], registry=reg)
+        self.reconfiguration_phases = Histogram("remp:reconfiguration_phase_seconds",
+                                                "Duration of each phase of a layout switch.", labels + ["phase"],
+                                                buckets=SWITCH_BUCKETS, registry=reg)
         reg.register(_EngineCollector(engine, model_name))
 
     def record(self, prompt_tokens: int, last: RequestOutput | None, finish_reason: str) -> None:
@@ -63,6 +70,11 @@ class ServerMetrics:
         end = m.finished_time or m.last_token_time
         if end is not None:
             self.e2e.labels(self._model).observe(end - m.arrival_time)
+
+    def record_reconfiguration(self, result: ReconfigResult) -> None:
+        self.reconfigurations.labels(self._model, result.outcome).inc()
+        for phase, seconds in result.timings_s.items():
+            self.reconfiguration_phases.labels(self._model, phase).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,8 @@
 """A worker process: one rank of the pool.
 
-It joins the world group, opens the weight store and waits. A LoadCommand makes it take
-on a layout (or go standby); each StepCommand runs this rank's layers for one step: stage
+It joins the world group, opens the weight store and waits. Prepare / Migrate / Commit
+(or Abort) commands move it from one layout to another — or to standby — with live KV
+carried over (see remp.reconfig.transaction); each StepCommand runs this rank's layers for one step: stage
 0 embeds the tokens, inner stages receive the hidden state from the previous stage and
 pass theirs on (asynchronously, so a stage starts the next micro-batch at once), and the
 last stage gathers the vocabulary-parallel logits on its first tensor rank, which samples
@@ -21,9 +22,10 @@ import zmq
 
 from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
-from remp.executor.messages import (LoadCommand, SeqWork, ShutdownCommand, StepCommand, StepResult,
-                                    WorkerReply, decode, encode)
+from remp.executor.messages import (AbortCommand, CommitCommand, DigestCommand, MigrateCommand, PrepareCommand,
+                                    SeqWork, ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
+from remp.kv.migration import KVTransfer
 from remp.model.llama import Batch, StageModel
 from remp.parallel.groups import Groups, init_world
 from remp.topology import Topology
@@ -43,20 +45,86 @@ class Worker:
         self.topo: Topology | None = None
         self.model: StageModel | None = None
         self.kv: KVCache | None = None
+        self.target: tuple[Topology, StageModel, KVCache] | None = None  # prepared, not yet committed
         self._pending_sends: list[dist.Work] = []
 
-    def load(self, cmd: LoadCommand) -> dict:
+    def prepare(self, cmd: PrepareCommand) -> dict:
         topo = Topology(cmd.tp, cmd.pp)
-        torch.set_num_threads(cmd.threads)
-        group = self.groups.tp_group(topo)  # collective: every pool rank calls it
-        self.model = self.kv = None
-        self.topo = topo
+        group = self.groups.tp_group(topo)  # collective: every pool rank calls it, in the same order
+        self.target = None
         if topo.coords(self.rank) is None:
-            return {"standby": True}
+            return {"standby": True, "weight_bytes": 0}
         weights = self.store.shard(self.model_config, topo, self.rank, self.dtype)
-        self.model = StageModel(self.model_config, topo, self.rank, weights, group, self.hf_config, self.device)
-        self.kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device)
+        model = StageModel(self.model_config, topo, self.rank, weights, group, self.hf_config, self.device)
+        kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
+                     reuse=self.kv)
+        self.target = (topo, model, kv)
+        return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in weights.values()),
+                "kv_layers_reused": sorted(kv.reused)}
+
+    def migrate(self, cmd: MigrateCommand) -> dict:
+        """Send the slices this rank holds to their new owners and receive its own: one buffer
+        per peer each way, all receives posted before any send so no pair can deadlock."""
+        new_kv = self.target[2] if self.target else None
+        src_idx = torch.tensor(cmd.src_blocks, device=self.device)
+        dst_idx = torch.tensor(cmd.dst_blocks, device=self.device)
+        sends: dict[int, list[torch.Tensor]] = {}
+        recvs: dict[int, list[KVTransfer]] = {}
+        for t in map(lambda row: KVTransfer(*row), cmd.transfers):
+            if t.src_rank == self.rank:
+                if t.dst_rank == self.rank and t.layer in new_kv.reused:
+                    continue
+                data = self.kv.layers[t.layer][src_idx][:, :, :, t.src_head:t.src_head + t.num_heads]
+                if t.dst_rank == self.rank:
+                    new_kv.layers[t.layer][dst_idx, :, :, t.dst_head:t.dst_head + t.num_heads] = data
+                else:
+                    sends.setdefault(t.dst_rank, []).append(data.reshape(-1))
+            elif t.dst_rank == self.rank:
+                recvs.setdefault(t.src_rank, []).append(t)
+        per_head = len(cmd.dst_blocks) * 2 * new_kv.block_size * self.model_config.head_dim if new_kv else 0
+        buffers = {src: torch.empty(sum(t.num_heads for t in ts) * per_head, dtype=self.dtype, device=self.device)
+                   for src, ts in recvs.items()}
+        works = [dist.irecv(buf, src) for src, buf in buffers.items()]
+        outgoing = {dst: torch.cat(parts) for dst, parts in sends.items()}
+        works += [dist.isend(buf, dst) for dst, buf in outgoing.items()]
+        for w in works:
+            w.wait()
+        for src, ts in recvs.items():
+            offset = 0
+            for t in ts:
+                n = t.num_heads * per_head
+                block = buffers[src][offset:offset + n].view(len(cmd.dst_blocks), 2, new_kv.block_size, t.num_heads, -1)
+                new_kv.layers[t.layer][dst_idx, :, :, t.dst_head:t.dst_head + t.num_heads] = block
+                offset += n
+        return {"bytes_sent": sum(b.numel() * b.element_size() for b in outgoing.values())}
+
+    def commit(self, cmd: CommitCommand) -> dict:
+        torch.set_num_threads(cmd.threads)
+        self._pending_sends.clear()
+        if self.target is None:
+            self.topo, self.model, self.kv = None, None, None
+            return {"standby": True}
+        self.topo, self.model, self.kv = self.target
+        self.target = None
         return {"standby": False, "layers": list(self.model.layers)}
+
+    def abort(self) -> dict:
+        self.target = None
+        return {}
+
+    def control(self, msg) -> tuple[str, dict]:
+        """Run a reconfiguration or inspection command; returns the reply kind and its info."""
+        if isinstance(msg, PrepareCommand):
+            return "prepared", self.prepare(msg)
+        if isinstance(msg, MigrateCommand):
+            return "migrated", self.migrate(msg)
+        if isinstance(msg, CommitCommand):
+            return "committed", self.commit(msg)
+        if isinstance(msg, AbortCommand):
+            return "aborted", self.abort()
+        if isinstance(msg, DigestCommand):
+            return "digest", self.kv.digests(msg.blocks) if self.kv else {}
+        raise TypeError(f"unknown command {type(msg).__name__}")
 
     def _batch(self, seqs: list[SeqWork], block_size: int) -> Batch:
         ids, positions, slots = [], [], []
@@ -137,13 +205,13 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
             msg = decode(cmds.recv())
             if isinstance(msg, ShutdownCommand):
                 break
-            if isinstance(msg, LoadCommand):
-                info = worker.load(msg)
-                results.send(encode(WorkerReply(rank=rank, kind="loaded", info=info)))
-            elif isinstance(msg, StepCommand):
+            if isinstance(msg, StepCommand):
                 result = worker.step(msg)
                 if result is not None:
                     results.send(encode(result))
+                continue
+            kind, info = worker.control(msg)
+            results.send(encode(WorkerReply(rank=rank, kind=kind, info=info)))
     except Exception as exc:  # report, then die: the engine decides what a lost rank means
         results.send(encode(WorkerReply(rank=rank, kind="error", message=f"{type(exc).__name__}: {exc}",
                                         info={"traceback": traceback.format_exc()})))

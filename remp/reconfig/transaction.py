@@ -1,0 +1,127 @@
+"""A live layout switch as a transaction.
+
+plan     validate the target, size its KV cache, compute the KV migration plan
+prepare  every pool worker builds the target's groups, shard and KV cache (layers already in
+         place are shared) while the engine keeps stepping on the old layout
+pause    stop submitting steps and drain the ones in flight (their tokens are delivered)
+migrate  preempt the newest requests if the target holds fewer blocks than are live, then
+         move every live block's KV slices to their new owners
+commit   workers switch to the target atomically; block tables are renumbered if the cache
+         shrank; stepping resumes
+
+Any error before commit aborts: the prepared state is dropped and the old layout, whose
+shards, KV and groups were never touched, keeps serving. Requests never leave the
+scheduler, so none is lost or duplicated.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from remp.engine.outputs import RequestOutput
+from remp.kv.blocks import BlockManager
+from remp.kv.migration import bytes_moved, plan_kv_migration
+from remp.topology import Topology
+
+if TYPE_CHECKING:
+    from remp.engine.llm_engine import LLMEngine
+
+
+class ReconfigInProgress(RuntimeError):
+    """A second switch was asked for while one runs."""
+
+
+@dataclass
+class ReconfigResult:
+    outcome: str  # "committed" | "rolled_back" | "unchanged"
+    source: dict
+    target: dict
+    reason: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)  # plan, prepare, drain, pause (migrate + commit), total
+    kv_bytes_moved: int = 0
+    weight_bytes_loaded: int = 0
+    live_kv_blocks: int = 0
+    num_kv_blocks: dict[str, int] = field(default_factory=dict)  # before / after
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _layout(topo: Topology) -> dict:
+    return {"tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp}
+
+
+def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
+                    timeout_s: float = 120.0) -> ReconfigResult:
+    """Switch `engine` to `target` while it serves; outputs produced meanwhile go to `on_outputs`.
+    Raises TopologyError / ValueError (nothing changed) for a target that cannot run."""
+    t0 = time.perf_counter()
+    source = engine.topology
+    model = engine.model_config
+    target.validate(model, engine.config.pool_size)
+    result = ReconfigResult("unchanged", _layout(source), _layout(target))
+    if target == source:
+        return result
+    num_blocks = engine.num_blocks_for(target)
+    transfers = plan_kv_migration(model, source, target)
+    old_blocks = engine.scheduler.blocks
+    result.num_kv_blocks = {"before": old_blocks.num_blocks, "after": num_blocks}
+    t_plan = time.perf_counter()
+    result.timings_s["plan"] = t_plan - t0
+    executor = engine.executor
+    try:
+        executor.prepare(target, num_blocks, engine.config.block_size)
+        while not executor.has_replies("prepared", range(executor.pool_size)):
+            if engine.has_unfinished():
+                on_outputs(engine.step())
+            else:
+                time.sleep(0.005)
+            if time.perf_counter() - t_plan > timeout_s:
+                raise TimeoutError(f"workers not prepared within {timeout_s:.0f} s")
+        prepared = executor.wait_prepared(timeout_s)
+        result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
+        t_prepared = time.perf_counter()
+        result.timings_s["prepare"] = t_prepared - t_plan
+        while executor.in_flight:
+            on_outputs(engine.collect())
+        t_paused = time.perf_counter()
+        result.timings_s["drain"] = t_paused - t_prepared
+        result.preempted_request_ids = engine.scheduler.shrink_to(num_blocks)
+        src_blocks = sorted(b for seq in engine.scheduler.running for b in seq.block_ids)
+        remap = _renumber(src_blocks, num_blocks)
+        dst_blocks = [remap[b] for b in src_blocks]
+        result.live_kv_blocks = len(src_blocks)
+        if src_blocks:
+            executor.migrate([[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads] for t in transfers],
+                             src_blocks, dst_blocks, timeout_s)
+        result.kv_bytes_moved = bytes_moved(transfers, len(src_blocks), engine.config.block_size, model.head_dim,
+                                            engine.dtype.itemsize)
+        t_migrated = time.perf_counter()
+        result.timings_s["migrate"] = t_migrated - t_paused
+    except Exception as exc:
+        executor.abort(timeout_s)
+        result.outcome = "rolled_back"
+        result.reason = f"{type(exc).__name__}: {exc}"
+        result.timings_s["total"] = time.perf_counter() - t0
+        return result
+    executor.commit(target, engine.threads_for(target), timeout_s)
+    for seq in engine.scheduler.running:
+        seq.block_ids = [remap[b] for b in seq.block_ids]
+    engine.scheduler.blocks = BlockManager(num_blocks, engine.config.block_size, used=dst_blocks)
+    t_end = time.perf_counter()
+    result.outcome = "committed"
+    result.timings_s["commit"] = t_end - t_migrated
+    result.timings_s["pause"] = t_end - t_paused
+    result.timings_s["total"] = t_end - t0
+    return result
+
+
+def _renumber(live: list[int], num_blocks: int) -> dict[int, int]:
+    """Keep every live block id that exists in a cache of `num_blocks`; give the others the lowest
+    free ids (only happens when the cache shrinks)."""
+    keep = {b for b in live if b < num_blocks}
+    free = iter(sorted(set(range(num_blocks)) - keep))
+    return {b: (b if b in keep else next(free)) for b in live}

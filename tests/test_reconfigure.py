@@ -1,0 +1,110 @@
+"""Live layout switches: requests mid-generation keep their tokens, live KV moves byte for byte,
+a smaller target cache preempts (and later recomputes) instead of dropping, bad targets change
+nothing. One pool of 4 workers walks every ordered pair of the six layouts in one tour."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from remp.config import EngineConfig
+from remp.engine.llm_engine import LLMEngine
+from remp.engine.sampling import SamplingParams
+from remp.reconfig.tour import switch_tour
+from remp.topology import Topology, TopologyError
+
+LAYOUTS = [Topology(1, 1), Topology(2, 1), Topology(1, 2), Topology(2, 2), Topology(4, 1), Topology(1, 4)]
+PROMPTS = [[5, 17, 99, 3, 42], list(range(30, 71)), [400, 2, 250, 7, 7, 7, 19, 11, 12, 13, 14, 15, 16, 17, 18]]
+MAX_TOKENS = 12
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_gqa) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gqa, dtype=torch.float32)
+    return [hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                        eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gqa):
+    eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=4, max_model_len=128, block_size=4))
+    yield eng
+    eng.shutdown()
+
+
+def full_blocks(engine: LLMEngine) -> dict[str, int]:
+    """Blocks whose every slot is written (paged KV is append-only: they cannot change)."""
+    bs = engine.config.block_size
+    return {f"{seq.request_id}/{i}": b for seq in engine.scheduler.running
+            for i, b in enumerate(seq.block_ids[:seq.num_computed // bs])}
+
+
+def test_every_switch_keeps_tokens_and_kv_bytes(engine, reference):
+    tour = switch_tour(LAYOUTS)
+    assert len(tour) == len(LAYOUTS) * (len(LAYOUTS) - 1) + 1
+    engine.reconfigure(tour[0], lambda outs: None)
+    for n, target in enumerate(tour[1:]):
+        done = {}
+
+        def book(outs):
+            done.update({o.request_id: o for o in outs if o.finished})
+
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(f"s{n}-{i}", p, GREEDY)
+        for _ in range(2 + n % 4):  # switch at a different point of generation each time
+            book(engine.step())
+        while engine.executor.in_flight:
+            book(engine.collect())
+        blocks_before = full_blocks(engine)
+        assert blocks_before, "the switch should happen with live KV"
+        before = engine.kv_digests(list(blocks_before.values()))
+        result = engine.reconfigure(target, book)
+        assert result.outcome == "committed", result.reason
+        assert engine.topology == target
+        blocks_after = full_blocks(engine)
+        after = engine.kv_digests(list(blocks_after.values()))
+        assert all(len(v) == 1 for v in after.values())  # replicated heads agree
+        slices = [(layer, head) for layer in range(engine.model_config.num_layers)
+                  for head in range(engine.model_config.num_kv_heads)]
+        for key in blocks_before.keys() & blocks_after.keys():
+            for layer, head in slices:
+                assert after[f"{layer}:{head}:{blocks_after[key]}"] == before[f"{layer}:{head}:{blocks_before[key]}"]
+        while engine.has_unfinished():
+            book(engine.step())
+        assert [done[f"s{n}-{i}"].token_ids for i in range(len(PROMPTS))] == reference, str(target)
+
+
+def test_invalid_target_changes_nothing(engine):
+    before = engine.topology
+    for bad in [Topology(3, 1), Topology(1, 5), Topology(4, 2)]:
+        with pytest.raises(TopologyError):
+            engine.reconfigure(bad, lambda outs: None)
+        assert engine.topology == before
+
+
+def test_smaller_target_cache_preempts_newest_and_recomputes(tiny_gqa, reference):
+    # 2 KiB per block under tp1pp1 (4 layers x 2 heads), a quarter of that per worker under
+    # tp2pp2: the same budget holds 24 blocks there and 96 here.
+    eng = LLMEngine(EngineConfig(model=tiny_gqa, tensor_parallel_size=2, pipeline_parallel_size=2, max_model_len=64,
+                                 block_size=4, kv_cache_space_gb=24 * 2048 / 2**30))
+    try:
+        assert eng.scheduler.blocks.num_blocks == 96
+        done = {}
+
+        def book(outs):
+            done.update({o.request_id: o for o in outs if o.finished})
+
+        for i, p in enumerate(PROMPTS * 3):
+            eng.add_request(f"r{i}", p, GREEDY)
+        for _ in range(4):
+            book(eng.step())
+        result = eng.reconfigure(Topology(1, 1), book)
+        assert result.outcome == "committed" and result.num_kv_blocks == {"before": 96, "after": 24}
+        assert result.preempted_request_ids, "live KV exceeded the target cache: someone must be preempted"
+        assert all(b < 24 for s in eng.scheduler.running for b in s.block_ids)
+        while eng.has_unfinished():
+            book(eng.step())
+        assert [done[f"r{i}"].token_ids for i in range(len(PROMPTS) * 3)] == reference * 3
+    finally:
+        eng.shutdown()
