@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Quick start: set up the venv, convert the bundled SmolLM2-135M-Instruct, serve
-# it with `remp serve`, send a few chat requests with the OpenAI client, and
-# shut the server down again.  Extra arguments go to `remp serve`, e.g.
-#   ./run.sh --tensor-parallel-size 2
+# it with `remp serve` on a pool of 4 workers, send a few chat requests with the
+# OpenAI client, then ask them again while switching the layout live through
+# $SWITCH (default tp3pp1,tp1pp2,tp1pp1), and shut the server down.  Extra
+# arguments go to `remp serve`, e.g.
+#   ./run.sh --tensor-parallel-size 3
 # PORT picks the port (default: a free one); the server log is kept in
 # $LOG (default: a temporary file) and printed if the server fails to start.
 set -euo pipefail
@@ -40,8 +42,8 @@ trap stop_server EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-echo "== starting: remp serve $MODEL_DIR --host 127.0.0.1 --port $PORT $* (log: $LOG)"
-setsid .venv/bin/remp serve "$MODEL_DIR" --host 127.0.0.1 --port "$PORT" "$@" >"$LOG" 2>&1 &
+echo "== starting: remp serve $MODEL_DIR --host 127.0.0.1 --port $PORT --worker-pool-size 4 $* (log: $LOG)"
+setsid .venv/bin/remp serve "$MODEL_DIR" --host 127.0.0.1 --port "$PORT" --worker-pool-size 4 "$@" >"$LOG" 2>&1 &
 SERVER_PID=$!
 
 HEALTH_TIMEOUT_S="${HEALTH_TIMEOUT_S:-300}"
@@ -71,4 +73,4 @@ then
 fi
 echo "== server is up at $BASE_URL"
 
-"$PY" scripts/demo_client.py --base-url "$BASE_URL/v1"
+"$PY" scripts/demo_client.py --base-url "$BASE_URL/v1" --switch "${SWITCH-tp3pp1,tp1pp2,tp1pp1}"

@@ -1,4 +1,4 @@
-"""The `remp` command: serve, generate, make-tiny-model, bench serve.
+"""The `remp` command: serve, generate, reconfigure, make-tiny-model, bench.
 
 Flags follow `vllm serve`. Heavy imports (torch, transformers, uvicorn) happen inside the
 subcommands so `remp --help` stays instant. A request the user got wrong (a layout the
@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--top-k", type=int, default=0)
     generate.set_defaults(run=_generate)
+
+    reconf = commands.add_parser("reconfigure", help="switch a running server's layout live")
+    reconf.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    reconf.add_argument("--tensor-parallel-size", "--tp", type=int, required=True)
+    reconf.add_argument("--pipeline-parallel-size", "--pp", type=int, required=True)
+    reconf.add_argument("--api-key", default=os.environ.get("REMP_API_KEY"))
+    reconf.add_argument("--json", action="store_true", help="print the server's full JSON reply")
+    reconf.set_defaults(run=_reconfigure)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint for tests")
     tiny.add_argument("dir")
@@ -174,6 +182,38 @@ def _bench(args: argparse.Namespace) -> int:
     module.add_arguments(parser)
     module.run(parser.parse_args(args.args))
     return 0
+
+
+def _reconfigure(args: argparse.Namespace) -> int:
+    """POST /v1/admin/reconfigure; exit 0 when committed (or already there), 1 when rolled back,
+    2 when the server refused the target."""
+    import json
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    body = {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size}
+    try:
+        reply = httpx.post(f"{args.url.rstrip('/')}/v1/admin/reconfigure", json=body, headers=headers, timeout=600)
+    except httpx.HTTPError as exc:
+        return _fail(exc)
+    data = reply.json()
+    if reply.status_code != 200:
+        return _fail(RuntimeError(f"HTTP {reply.status_code}: {data.get('error', {}).get('message', data)}"))
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        src, dst = data["source"], data["target"]
+        t = data["timings_s"]
+        print(f"{data['outcome']}: tp{src['tensor_parallel_size']}pp{src['pipeline_parallel_size']} -> "
+              f"tp{dst['tensor_parallel_size']}pp{dst['pipeline_parallel_size']}"
+              + (f" ({data['reason']})" if data.get("reason") else ""))
+        if t:
+            print("  " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
+            print(f"  KV moved {data['kv_bytes_moved'] / 2**20:.2f} MiB ({data['live_kv_blocks']} live blocks), "
+                  f"weights sliced {data['weight_bytes_loaded'] / 2**20:.1f} MiB, "
+                  f"preempted {len(data['preempted_request_ids'])} request(s)")
+    return 1 if data["outcome"] == "rolled_back" else 0
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

@@ -34,7 +34,6 @@ from remp.bench.serve import (
     arrival_offsets,
     benchmark,
     compute_metrics,
-    format_report,
     load_tokenizer,
     run,
     sample_random_requests,

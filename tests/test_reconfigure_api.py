@@ -1,0 +1,112 @@
+"""Live switches through the HTTP API and `remp reconfigure`, on a real server with a pool of 4
+(2 active, 2 standby at start) and an API key."""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from helpers import REPO, remp, remp_server
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+KEY = "admin-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gqa, tmp_path_factory) -> Iterator[str]:
+    with remp_server(tiny_gqa, tmp_path_factory.mktemp("logs") / "serve.log", "-tp", "1", "-pp", "2",
+                     "--worker-pool-size", "4", "--api-key", KEY) as url:
+        yield url
+
+
+def layout(url: str) -> dict:
+    return httpx.get(f"{url}/v1/admin/topology", headers=AUTH).json()
+
+
+def switch(url: str, tp: int, pp: int, headers=AUTH) -> httpx.Response:
+    return httpx.post(f"{url}/v1/admin/reconfigure", headers=headers, timeout=300,
+                      json={"tensor_parallel_size": tp, "pipeline_parallel_size": pp})
+
+
+def stream(url: str, model: str, max_tokens: int) -> str:
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    text = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += [c["text"] for c in json.loads(line[6:])["choices"]]
+    return "".join(text)
+
+
+def test_topology_reports_active_and_standby(server):
+    assert layout(server) == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "worker_pool_size": 4,
+                              "active_ranks": [0, 1], "standby_ranks": [2, 3],
+                              "num_kv_blocks": layout(server)["num_kv_blocks"]}
+
+
+def test_stream_in_flight_survives_switches(server, tiny_gqa):
+    reference = stream(server, tiny_gqa, 120)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(text=stream(server, tiny_gqa, 120)))
+    worker.start()
+    replies = [switch(server, 2, 2), switch(server, 4, 1), switch(server, 1, 2)]
+    worker.join(timeout=300)
+    for r in replies:
+        assert r.status_code == 200 and r.json()["outcome"] == "committed", r.text
+    body = replies[0].json()
+    assert set(body["timings_s"]) >= {"plan", "prepare", "drain", "migrate", "commit", "pause", "total"}
+    assert body["source"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2}
+    assert result["text"] == reference
+    assert layout(server)["tensor_parallel_size"] == 1 and layout(server)["pipeline_parallel_size"] == 2
+    samples = {(s.name, s.labels.get("outcome")): s.value for f in
+               text_string_to_metric_families(httpx.get(f"{server}/metrics").text) for s in f.samples}
+    assert samples[("remp:reconfigurations_total", "committed")] >= 3
+
+
+@pytest.mark.parametrize("tp,pp,reason", [(3, 1, "does not divide"), (1, 5, "exceeds the 4 layers"),
+                                          (4, 2, "the pool has 4")])
+def test_invalid_target_is_400_and_changes_nothing(server, tp, pp, reason):
+    before = layout(server)
+    r = switch(server, tp, pp)
+    assert r.status_code == 400 and reason in r.json()["error"]["message"]
+    assert layout(server) == before
+
+
+@pytest.mark.parametrize("body", [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 0, "pipeline_parallel_size": 1},
+                                  {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "extra": 1}])
+def test_malformed_reconfigure_is_400(server, body):
+    r = httpx.post(f"{server}/v1/admin/reconfigure", headers=AUTH, json=body)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_concurrent_switch_gets_409(server):
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda tp: switch(server, tp, 1), [2, 4, 2]))
+    codes = sorted(r.status_code for r in replies)
+    assert codes[0] == 200 and 409 in codes, [r.text for r in replies]
+    winner = next(r for r in replies if r.status_code == 200).json()["target"]
+    assert layout(server)["tensor_parallel_size"] == winner["tensor_parallel_size"]
+
+
+def test_admin_needs_the_key(server):
+    before = layout(server)
+    assert switch(server, 1, 1, headers={}).status_code == 401
+    assert httpx.get(f"{server}/v1/admin/topology").status_code == 401
+    assert layout(server) == before
+
+
+def test_cli_reconfigure(server):
+    ok = subprocess.run(remp("reconfigure", "--url", server, "--tp", "1", "--pp", "4", "--api-key", KEY),
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and ok.stdout.startswith("committed: ") and "-> tp1pp4" in ok.stdout, ok.stderr
+    bad = subprocess.run(remp("reconfigure", "--url", server, "--tp", "3", "--pp", "1", "--api-key", KEY),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "HTTP 400" in bad.stderr
