@@ -69,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(run=_make_tiny_model)
 
     # The benchmark's own parser is built only when it runs: its imports take seconds.
-    bench = commands.add_parser("bench", help="benchmarks: `remp bench serve --help`, `remp bench layouts --help`")
-    bench.add_argument("benchmark", choices=["serve", "layouts"],
+    bench = commands.add_parser("bench", help="benchmarks: `remp bench {serve,layouts,switch} --help`")
+    bench.add_argument("benchmark", choices=["serve", "layouts", "switch"],
                        help="serve: load-test a running OpenAI-compatible server; layouts: throughput of "
-                       "each fixed layout vs transformers")
+                       "each fixed layout vs transformers; switch: every live layout switch vs a restart")
     bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)
     return parser

@@ -108,3 +108,14 @@ def test_smaller_target_cache_preempts_newest_and_recomputes(tiny_gqa, reference
         assert [done[f"r{i}"].token_ids for i in range(len(PROMPTS) * 3)] == reference * 3
     finally:
         eng.shutdown()
+
+
+def test_pipeline_change_reuses_weights_in_place(engine, tiny_gqa):
+    """tp1pp1 -> tp1pp2: rank 0 keeps its layers' weight tensors; only rank 1's shard (layers
+    2-3, norm, LM head) is sliced from the store."""
+    from remp.weights.store import WeightStore
+
+    engine.reconfigure(Topology(1, 1), lambda outs: None)
+    result = engine.reconfigure(Topology(1, 2), lambda outs: None)
+    stage1 = WeightStore(tiny_gqa).shard(engine.model_config, Topology(1, 2), 1, torch.float32)
+    assert result.weight_bytes_loaded == sum(w.numel() * w.element_size() for w in stage1.values())

@@ -41,11 +41,19 @@ class KVCache:
                 self.layers[layer] = old
                 self.reused.add(layer)
             else:
-                self.layers[layer] = torch.zeros(shape, dtype=dtype, device=device)
+                # empty, not zeros: zeroing a GiB costs a third of a second of every start and
+                # switch; write() zeroes each block when its first slot is written instead.
+                self.layers[layer] = torch.empty(shape, dtype=dtype, device=device)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [T, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              fresh_blocks: torch.Tensor) -> None:
+        """Store k, v [T, kv_heads, head_dim] at flat slots (block * block_size + offset).
+        `fresh_blocks` are the blocks whose slot 0 this step writes: they are zeroed first, so
+        the unwritten tail of a request's last block holds zeros, never stale bytes that
+        attention would mask but could not mask away if they were NaN."""
         cache = self.layers[layer]
+        if fresh_blocks.numel():
+            cache[fresh_blocks] = 0
         blocks, offsets = slots // self.block_size, slots % self.block_size
         cache[blocks, 0, offsets] = k
         cache[blocks, 1, offsets] = v

@@ -27,6 +27,7 @@ class Batch:
     input_ids: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
+    block_size: int
     q_lens: list[int]
     starts: list[int]  # tokens already in the cache before this step, per sequence
     block_tables: list[list[int]]
@@ -38,6 +39,7 @@ class Batch:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
         self.last_token_idx = torch.tensor([o - 1 for o in offsets[1:]], device=self.device)
+        self.fresh_blocks = self.slots[self.slots % self.block_size == 0] // self.block_size
         self.decode = [i for i, n in enumerate(self.q_lens) if n == 1 and self.starts[i] > 0]
         self.prefill = [i for i, n in enumerate(self.q_lens) if not (n == 1 and self.starts[i] > 0)]
         if self.decode:
@@ -118,7 +120,7 @@ class StageModel:
         k = k.view(t, self.num_kv_heads, hd)
         v = v.view(t, self.num_kv_heads, hd)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        kv.write(layer, batch.slots, k, v)
+        kv.write(layer, batch.slots, k, v, batch.fresh_blocks)
         out = torch.empty_like(q)
         if batch.decode:
             keys, values = kv.gather(layer, batch.decode_tables)

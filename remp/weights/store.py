@@ -8,6 +8,7 @@ again and without talking to other workers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,11 +53,13 @@ class WeightStore:
     def full(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name)
 
-    def shard(self, model: ModelConfig, topo: Topology, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def shard(self, model: ModelConfig, topo: Topology, rank: int, dtype: torch.dtype,
+              reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The tensors rank `rank` needs under `topo`, keyed by local names.
 
         q/k/v and gate/up are concatenated into one column-parallel matrix each so a layer
-        runs two matmuls where the checkpoint has five.
+        runs two matmuls where the checkpoint has five. Tensors found in `reuse` (this rank's
+        shard under a layout with the same tensor split) are taken as they are, not sliced again.
         """
         stage, t = topo.coords(rank)
         hd = model.head_dim
@@ -66,29 +69,31 @@ class WeightStore:
         kv_rows = range(kv.start * hd, kv.stop * hd)
         mlp = topo.mlp_slice(t, model.intermediate_size)
         vocab = topo.vocab_slice(t, model.vocab_size)
-        out: dict[str, torch.Tensor] = {}
+        wanted: dict[str, Callable[[], torch.Tensor]] = {}
         if stage == 0:
-            out["embed"] = self.rows("model.embed_tokens.weight", vocab)
+            wanted["embed"] = lambda: self.rows("model.embed_tokens.weight", vocab)
         if stage == topo.pp - 1:
-            out["norm"] = self.full("model.norm.weight")
             head = "lm_head.weight"
             if model.tie_word_embeddings or head not in self:
                 head = "model.embed_tokens.weight"
-            out["lm_head"] = self.rows(head, vocab)
+            wanted["norm"] = lambda: self.full("model.norm.weight")
+            wanted["lm_head"] = lambda: self.rows(head, vocab)
         for layer in topo.layers_of(stage, model.num_layers):
             p = f"model.layers.{layer}."
             a = p + "self_attn."
-            out[f"{layer}.qkv"] = torch.cat([self.rows(a + "q_proj.weight", q_rows),
-                                             self.rows(a + "k_proj.weight", kv_rows),
-                                             self.rows(a + "v_proj.weight", kv_rows)])
+
+            def qkv(kind: str, a: str = a) -> torch.Tensor:
+                return torch.cat([self.rows(a + f"q_proj.{kind}", q_rows), self.rows(a + f"k_proj.{kind}", kv_rows),
+                                  self.rows(a + f"v_proj.{kind}", kv_rows)])
+
+            wanted[f"{layer}.qkv"] = lambda qkv=qkv: qkv("weight")
             if model.attention_bias:
-                out[f"{layer}.qkv_bias"] = torch.cat([self.rows(a + "q_proj.bias", q_rows),
-                                                      self.rows(a + "k_proj.bias", kv_rows),
-                                                      self.rows(a + "v_proj.bias", kv_rows)])
-            out[f"{layer}.o"] = self.cols(a + "o_proj.weight", q_rows)
-            out[f"{layer}.gate_up"] = torch.cat([self.rows(p + "mlp.gate_proj.weight", mlp),
-                                                 self.rows(p + "mlp.up_proj.weight", mlp)])
-            out[f"{layer}.down"] = self.cols(p + "mlp.down_proj.weight", mlp)
-            out[f"{layer}.input_norm"] = self.full(p + "input_layernorm.weight")
-            out[f"{layer}.post_norm"] = self.full(p + "post_attention_layernorm.weight")
-        return {k: v.to(dtype).contiguous() for k, v in out.items()}
+                wanted[f"{layer}.qkv_bias"] = lambda qkv=qkv: qkv("bias")
+            wanted[f"{layer}.o"] = lambda a=a: self.cols(a + "o_proj.weight", q_rows)
+            wanted[f"{layer}.gate_up"] = lambda p=p: torch.cat([self.rows(p + "mlp.gate_proj.weight", mlp),
+                                                                self.rows(p + "mlp.up_proj.weight", mlp)])
+            wanted[f"{layer}.down"] = lambda p=p: self.cols(p + "mlp.down_proj.weight", mlp)
+            wanted[f"{layer}.input_norm"] = lambda p=p: self.full(p + "input_layernorm.weight")
+            wanted[f"{layer}.post_norm"] = lambda p=p: self.full(p + "post_attention_layernorm.weight")
+        reuse = reuse or {}
+        return {k: reuse[k] if k in reuse else load().to(dtype).contiguous() for k, load in wanted.items()}

@@ -54,12 +54,15 @@ class Worker:
         self.target = None
         if topo.coords(self.rank) is None:
             return {"standby": True, "weight_bytes": 0}
-        weights = self.store.shard(self.model_config, topo, self.rank, self.dtype)
+        old = self.model
+        same_split = old is not None and old.topo.tp == topo.tp and old.tp_rank == topo.coords(self.rank)[1]
+        weights = self.store.shard(self.model_config, topo, self.rank, self.dtype, reuse=old.w if same_split else None)
+        loaded = [w for k, w in weights.items() if not (same_split and old.w.get(k) is w)]
         model = StageModel(self.model_config, topo, self.rank, weights, group, self.hf_config, self.device)
         kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
                      reuse=self.kv)
         self.target = (topo, model, kv)
-        return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in weights.values()),
+        return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in loaded),
                 "kv_layers_reused": sorted(kv.reused)}
 
     def migrate(self, cmd: MigrateCommand) -> dict:
@@ -135,7 +138,7 @@ class Worker:
                 slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
         dev = self.device
         return Batch(input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(positions, device=dev),
-                     slots=torch.tensor(slots, device=dev), q_lens=[len(s.token_ids) for s in seqs],
+                     slots=torch.tensor(slots, device=dev), block_size=block_size, q_lens=[len(s.token_ids) for s in seqs],
                      starts=[s.start for s in seqs], block_tables=[s.block_table for s in seqs], device=dev)
 
     def step(self, cmd: StepCommand) -> StepResult | None:
