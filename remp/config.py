@@ -7,7 +7,7 @@ rope_parameters, rope_scaling, tied embeddings, ...) is accepted here too.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -113,7 +113,6 @@ class EngineConfig:
     threads_per_worker: int | None = None  # default: cores / active workers
     served_model_name: str | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def pool_size(self) -> int:

@@ -38,6 +38,14 @@ class Topology:
     def __str__(self) -> str:
         return f"tp{self.tp}pp{self.pp}"
 
+    @classmethod
+    def parse(cls, name: str) -> "Topology":
+        """The inverse of str(): 'tp2pp4' -> Topology(2, 4)."""
+        tp, sep, pp = name.strip().removeprefix("tp").partition("pp")
+        if not (sep and tp.isdigit() and pp.isdigit()):
+            raise TopologyError(f"a layout is written tpXppY (e.g. tp2pp1), got {name!r}")
+        return cls(int(tp), int(pp))
+
     @property
     def world_size(self) -> int:
         """Ranks the layout uses (the active part of the pool)."""

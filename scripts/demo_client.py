@@ -16,6 +16,8 @@ import time
 import httpx
 from openai import OpenAI
 
+from remp.topology import Topology
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -90,7 +92,7 @@ def main() -> None:
     print(f"model: {model}")
     answers = chat(client, model, args.max_tokens)
     if args.switch:
-        layouts = [tuple(int(x) for x in name.removeprefix("tp").split("pp")) for name in args.switch.split(",")]
+        layouts = [(t.tp, t.pp) for t in map(Topology.parse, args.switch.split(","))]
         print(f"\n== switching live through {args.switch} while every prompt above is asked again")
         if not switch_under_load(client, args.base_url, args.api_key, model, args.max_tokens, layouts, answers):
             raise SystemExit("an answer changed across a switch")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from remp.bench.server_process import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 256
 STARTUP_TIMEOUT_S = 240
@@ -21,12 +22,6 @@ STARTUP_TIMEOUT_S = 240
 
 def remp(*args: str) -> list[str]:
     return [sys.executable, "-m", "remp.cli", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from remp.bench.serve import BenchConfig, benchmark, load_tokenizer, sample_random_requests
 from remp.bench.server_process import ServerProcess
+from remp.topology import Topology
 
 
 @dataclass
@@ -52,11 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve-args", default="", help="extra `remp serve` flags, e.g. '--max-num-seqs 32'")
     parser.add_argument("--json", help="write all results here")
-
-
-def parse_layout(text: str) -> tuple[int, int]:
-    tp, pp = text.removeprefix("tp").split("pp")
-    return int(tp), int(pp)
 
 
 def _metric_sum(base_url: str, name: str) -> float:
@@ -93,7 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     runs: list[LayoutRun] = []
     summaries: list[LayoutSummary] = []
     for name in args.layouts.split(","):
-        tp, pp = parse_layout(name)
+        topo = Topology.parse(name)
+        tp, pp = topo.tp, topo.pp
         server = ServerProcess(args.model, ["-tp", str(tp), "-pp", str(pp), *args.serve_args.split()])
         startup = server.start()
         try:

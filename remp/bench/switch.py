@@ -32,7 +32,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from remp.bench.layouts import parse_layout
 from remp.bench.serve import (COMPLETIONS, REQUEST_TIMEOUT_S, BenchConfig, RequestRecord, build_payload,
                               load_tokenizer, sample_random_requests, send_request)
 from remp.bench.server_process import ServerProcess, free_port
@@ -349,7 +348,7 @@ def _layouts(args: argparse.Namespace) -> list[Topology]:
     model = ModelConfig.from_pretrained(args.model)
     if not args.layouts:
         return valid_layouts(model, args.worker_pool_size)
-    layouts = [Topology(*parse_layout(name)) for name in args.layouts.split(",")]
+    layouts = [Topology.parse(name) for name in args.layouts.split(",")]
     for layout in layouts:
         layout.validate(model, args.worker_pool_size)
     return layouts

@@ -40,6 +40,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._reconfiguring = False
+        self._deferred: list[tuple] = []  # switch requests that arrived during a switch
         self._thread = threading.Thread(target=self._loop, name="remp-engine", daemon=True)
         self._thread.start()
 
@@ -53,7 +54,9 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        """False once the engine loop stopped or any worker process exited (also while idle)."""
+        return (self.error is None and self._thread.is_alive()
+                and all(p.poll() is None for p in self.engine.executor.procs))
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -69,6 +72,9 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
+        if not self.alive:  # died between the check above and registering: nobody would answer
+            self._streams.pop(request_id)
+            raise EngineDeadError(f"the engine has stopped: {self.error}")
         self._inbox.put(("add", request_id, list(prompt_token_ids), params))
         finished = False
         try:
@@ -87,9 +93,6 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(("abort", request_id))
 
-    async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
     async def reconfigure(self, target: Topology) -> ReconfigResult:
         """Switch the layout while serving. Raises TopologyError/ValueError for a target that cannot
         run (nothing changes) and ReconfigInProgress while another switch runs."""
@@ -98,14 +101,13 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError(f"the engine has stopped: {self.error}")
         target.validate(self.model_config, self.config.pool_size)
+        # Cleared by the engine thread when the switch has run, not when this coroutine ends:
+        # a caller that goes away must not let a second switch start under the first.
         self._reconfiguring = True
-        try:
-            loop = asyncio.get_running_loop()
-            done = loop.create_future()
-            self._inbox.put(("reconfigure", target, loop, done))
-            return await done
-        finally:
-            self._reconfiguring = False
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(("reconfigure", target, loop, done))
+        return await asyncio.shield(done)
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
@@ -114,22 +116,32 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _pump(self, outputs: list[RequestOutput]) -> None:
-        """Deliver outputs, then admit requests that arrived meanwhile (also mid-switch)."""
+        """Deliver outputs, then admit requests (and aborts) that arrived meanwhile — also in the
+        middle of a switch; a switch request waits for the loop, never nests in another."""
         for out in outputs:
             self._deliver(out.request_id, out)
         try:
             while True:
-                self._handle(self._inbox.get_nowait())
+                msg = self._inbox.get_nowait()
+                if msg[0] == "reconfigure":
+                    self._deferred.append(msg)
+                else:
+                    self._handle(msg)
         except queue.Empty:
             pass
 
     def _reconfigure(self, target: Topology, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
         try:
-            result = self.engine.reconfigure(target, self._pump)
+            outcome = (done.set_result, self.engine.reconfigure(target, self._pump))
         except Exception as exc:  # an invalid target, or a failure the abort could not undo
-            loop.call_soon_threadsafe(done.set_exception, exc)
-        else:
-            loop.call_soon_threadsafe(done.set_result, result)
+            outcome = (done.set_exception, exc)
+        loop.call_soon_threadsafe(self._settle, done, *outcome)
+
+    def _settle(self, done: asyncio.Future, setter, value) -> None:
+        """On the event loop: the switch is over; hand its result to a caller still waiting."""
+        self._reconfiguring = False
+        if not done.cancelled():
+            setter(value)
 
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "reconfigure":
@@ -146,17 +158,33 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                while self._deferred:
+                    self._handle(self._deferred.pop(0))
                 if not self.engine.has_unfinished():
                     try:
                         self._handle(self._inbox.get(timeout=0.1))
                     except queue.Empty:
                         continue
                 self._pump(self.engine.step())
-        except BaseException as exc:  # a dead worker ends serving; tell every waiting request why
+        except BaseException as exc:  # a dead worker ends serving; tell everyone waiting why
             log.exception("engine loop failed")
             self.error = exc
-            for request_id in list(self._streams):
-                self._deliver(request_id, exc)
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Fail every open stream and every queued switch, so no caller waits forever."""
+        pending = self._deferred
+        try:
+            while True:
+                pending.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for msg in pending:
+            if msg[0] == "reconfigure":
+                _, _, loop, done = msg
+                loop.call_soon_threadsafe(self._settle, done, done.set_exception, EngineDeadError(str(exc)))
+        for request_id in list(self._streams):
+            self._deliver(request_id, exc)
 
     def shutdown(self) -> None:
         self._stop.set()

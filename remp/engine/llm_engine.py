@@ -133,12 +133,9 @@ class LLMEngine:
     def _submit(self, items: list[ScheduledSeq]) -> None:
         t0 = time.perf_counter()
         step_id = next(self._step_ids)
-        now = time.monotonic()
         works = []
         for it in items:
             seq, p = it.seq, it.seq.params
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = now
             works.append(SeqWork(seq_id=seq.seq_id, token_ids=it.token_ids, start=it.start,
                                  block_table=list(seq.block_ids), temperature=p.temperature, top_p=p.top_p,
                                  top_k=p.top_k, seed=seq.seed, out_pos=len(seq.output_token_ids),

@@ -1,7 +1,7 @@
 """What the engine hands back to its callers for each request, step by step."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -9,7 +9,6 @@ class RequestMetrics:
     """Wall-clock times (time.monotonic()) of one request's life."""
 
     arrival_time: float
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
@@ -35,4 +34,3 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None  # per token: top-N plus the chosen id
     metrics: RequestMetrics | None = None
     num_preemptions: int = 0
-    extra: dict = field(default_factory=dict)

@@ -42,10 +42,6 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
 
 def sample_row(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
                seed: int, position: int) -> int:

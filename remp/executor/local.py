@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable
 
 import zmq
 
@@ -29,13 +29,9 @@ class WorkerError(RuntimeError):
     """A worker died, reported an error or did not answer in time."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalExecutor:
+    """One worker process per pool rank on this host, the engine's only way to reach them."""
+
     def __init__(self, model_path: str, pool_size: int, dtype: str, device: str = "cpu",
                  start_timeout_s: float = 180.0):
         self.pool_size = pool_size
@@ -47,7 +43,9 @@ class LocalExecutor:
         self._results.bind(result_addr)
         self._cmds = []
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist_init = f"tcp://127.0.0.1:{_free_port()}"
+        # A file store in the private directory: a TCP store would listen on every interface.
+        dist_init = f"file://{self._dir}/store"
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
         self.procs: list[subprocess.Popen] = []
         for rank in range(pool_size):
             sock = self._ctx.socket(zmq.PUSH)
@@ -58,12 +56,16 @@ class LocalExecutor:
             worker_device = f"cuda:{rank}" if device == "cuda" else device
             spec = dict(rank=rank, pool_size=pool_size, dist_init=dist_init, backend=backend, cmd_addr=addr,
                         result_addr=result_addr, model_path=model_path, dtype=dtype, device=worker_device)
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "remp.worker.worker", json.dumps(spec)]))
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "remp.worker.worker", json.dumps(spec)], env=env))
         self.topology: Topology | None = None
         self.in_flight: deque[int] = deque()
         self._early: dict[int, StepResult] = {}
         self._replies: dict[tuple[str, int], WorkerReply] = {}
-        self._wait_replies("ready", range(pool_size), start_timeout_s)
+        try:
+            self._wait_replies("ready", range(pool_size), start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _poll(self, timeout_ms: int):
         """The next message if one arrives within `timeout_ms`, else None; a worker's error report raises."""
@@ -92,13 +94,13 @@ class LocalExecutor:
         else:
             self._replies[(msg.kind, msg.rank)] = msg
 
-    def has_replies(self, kind: str, ranks) -> bool:
+    def has_replies(self, kind: str, ranks: Iterable[int]) -> bool:
         """True once every rank in `ranks` has answered `kind`; never blocks."""
         while (msg := self._poll(0)) is not None:
             self._take(msg)
         return all((kind, r) in self._replies for r in ranks)
 
-    def _wait_replies(self, kind: str, ranks, timeout_s: float) -> dict[int, WorkerReply]:
+    def _wait_replies(self, kind: str, ranks: Iterable[int], timeout_s: float) -> dict[int, WorkerReply]:
         ranks = list(ranks)
         deadline = time.monotonic() + timeout_s
         while not all((kind, r) in self._replies for r in ranks):
@@ -130,8 +132,12 @@ class LocalExecutor:
         self.topology = topo
 
     def abort(self, timeout_s: float) -> None:
+        """Drop every worker's prepared layout. Each worker answers in command order, so once all
+        have said "aborted" no reply of the abandoned switch is still on its way: forget them,
+        or the next switch would take them for its own."""
         self._broadcast(AbortCommand())
         self._wait_replies("aborted", range(self.pool_size), timeout_s)
+        self._replies = {key: msg for key, msg in self._replies.items() if key[0] not in ("prepared", "migrated")}
 
     def load(self, topo: Topology, num_blocks: int, block_size: int, threads: int, timeout_s: float = 300.0) -> None:
         """Put an idle pool on `topo` (nothing live to carry over)."""

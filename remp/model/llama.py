@@ -29,7 +29,7 @@ class Batch:
     slots: torch.Tensor
     block_size: int
     q_lens: list[int]
-    starts: list[int]  # tokens already in the cache before this step, per sequence
+    starts: list[int]  # tokens already in the cache before this step: 0 (prompt) or len-1 (decode)
     block_tables: list[list[int]]
     device: torch.device
 
@@ -40,11 +40,18 @@ class Batch:
         self.offsets = offsets
         self.last_token_idx = torch.tensor([o - 1 for o in offsets[1:]], device=self.device)
         self.fresh_blocks = self.slots[self.slots % self.block_size == 0] // self.block_size
-        self.decode = [i for i, n in enumerate(self.q_lens) if n == 1 and self.starts[i] > 0]
-        self.prefill = [i for i, n in enumerate(self.q_lens) if not (n == 1 and self.starts[i] > 0)]
+        # A step holds whole prompts (start 0; a preempted request recomputes from 0) and
+        # one-token decodes; nothing else is scheduled.
+        self.decode = [i for i, start in enumerate(self.starts) if start > 0]
+        self.prefill = [i for i, start in enumerate(self.starts) if start == 0]
+        if any(self.q_lens[i] != 1 for i in self.decode):
+            raise ValueError("a step continuing a sequence must carry exactly one token")
         if self.decode:
             width = max(len(self.block_tables[i]) for i in self.decode)
-            tables = [self.block_tables[i] + [0] * (width - len(self.block_tables[i])) for i in self.decode]
+            # Pad with the sequence's own first block: its bytes are masked out, and unlike an
+            # arbitrary block they are written (never uninitialised memory that could hold NaN).
+            tables = [self.block_tables[i] + self.block_tables[i][:1] * (width - len(self.block_tables[i]))
+                      for i in self.decode]
             self.decode_tables = torch.tensor(tables, device=self.device)
             self.decode_tokens = torch.tensor([offsets[i] for i in self.decode], device=self.device)
             self.decode_ctx = torch.tensor([self.starts[i] + 1 for i in self.decode], device=self.device)
@@ -132,18 +139,9 @@ class StageModel:
         for i in batch.prefill:
             s, e = batch.offsets[i], batch.offsets[i + 1]
             qs = q[s:e].transpose(0, 1).unsqueeze(0)
-            if batch.starts[i] == 0:
-                keys = k[s:e].transpose(0, 1).unsqueeze(0)
-                values = v[s:e].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
-            else:
-                ctx = batch.starts[i] + (e - s)
-                table = torch.tensor([batch.block_tables[i]], device=self.device)
-                keys, values = kv.gather(layer, table)
-                keys, values = keys[:, :, :ctx], values[:, :, :ctx]
-                qpos = torch.arange(batch.starts[i], ctx, device=self.device)
-                mask = torch.arange(ctx, device=self.device)[None, :] <= qpos[:, None]
-                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+            keys = k[s:e].transpose(0, 1).unsqueeze(0)
+            values = v[s:e].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1)
         return self._all_reduce(F.linear(out.view(t, self.num_heads * hd), self.w[f"{layer}.o"]))
 

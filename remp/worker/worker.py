@@ -15,6 +15,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 import torch.distributed as dist
@@ -33,9 +35,8 @@ from remp.weights.store import WeightStore
 
 
 class Worker:
-    def __init__(self, rank: int, pool_size: int, model_path: str, dtype: torch.dtype, device: str):
+    def __init__(self, rank: int, model_path: str, dtype: torch.dtype, device: str):
         self.rank = rank
-        self.pool_size = pool_size
         self.dtype = dtype
         self.device = torch.device(device)
         self.model_config = ModelConfig.from_pretrained(model_path)
@@ -48,10 +49,16 @@ class Worker:
         self.target: tuple[Topology, StageModel, KVCache] | None = None  # prepared, not yet committed
         self._pending_sends: list[dist.Work] = []
 
-    def prepare(self, cmd: PrepareCommand) -> dict:
+    def prepare(self, cmd: PrepareCommand) -> Callable[[], dict]:
+        """Create the target's groups now — collective, so on the command thread, in command
+        order — and return the rest of the preparation (slicing the shard, allocating KV) as a
+        function to run beside the steps that keep coming."""
         topo = Topology(cmd.tp, cmd.pp)
-        group = self.groups.tp_group(topo)  # collective: every pool rank calls it, in the same order
+        group = self.groups.tp_group(topo)
         self.target = None
+        return lambda: self._build_target(cmd, topo, group)
+
+    def _build_target(self, cmd: PrepareCommand, topo: Topology, group: dist.ProcessGroup | None) -> dict:
         if topo.coords(self.rank) is None:
             return {"standby": True, "weight_bytes": 0}
         old = self.model
@@ -67,7 +74,7 @@ class Worker:
 
     def migrate(self, cmd: MigrateCommand) -> dict:
         """Send the slices this rank holds to their new owners and receive its own: one buffer
-        per peer each way, all receives posted before any send so no pair can deadlock."""
+        per peer each way, posted together (batch_isend_irecv) so no pair can deadlock."""
         new_kv = self.target[2] if self.target else None
         src_idx = torch.tensor(cmd.src_blocks, device=self.device)
         dst_idx = torch.tensor(cmd.dst_blocks, device=self.device)
@@ -87,11 +94,11 @@ class Worker:
         per_head = len(cmd.dst_blocks) * 2 * new_kv.block_size * self.model_config.head_dim if new_kv else 0
         buffers = {src: torch.empty(sum(t.num_heads for t in ts) * per_head, dtype=self.dtype, device=self.device)
                    for src, ts in recvs.items()}
-        works = [dist.irecv(buf, src) for src, buf in buffers.items()]
         outgoing = {dst: torch.cat(parts) for dst, parts in sends.items()}
-        works += [dist.isend(buf, dst) for dst, buf in outgoing.items()]
-        for w in works:
-            w.wait()
+        ops = [dist.P2POp(dist.irecv, buf, src) for src, buf in buffers.items()]
+        ops += [dist.P2POp(dist.isend, buf, dst) for dst, buf in outgoing.items()]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
         for src, ts in recvs.items():
             offset = 0
             for t in ts:
@@ -115,10 +122,8 @@ class Worker:
         self.target = None
         return {}
 
-    def control(self, msg) -> tuple[str, dict]:
+    def control(self, msg: MigrateCommand | CommitCommand | AbortCommand | DigestCommand) -> tuple[str, dict]:
         """Run a reconfiguration or inspection command; returns the reply kind and its info."""
-        if isinstance(msg, PrepareCommand):
-            return "prepared", self.prepare(msg)
         if isinstance(msg, MigrateCommand):
             return "migrated", self.migrate(msg)
         if isinstance(msg, CommitCommand):
@@ -192,19 +197,42 @@ def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
 
 def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_addr: str, result_addr: str,
                 model_path: str, dtype: str, device: str) -> None:
-    """Process entry point (dtype is a torch attribute name such as 'float32'); runs until a ShutdownCommand or until the engine goes away."""
+    """Process entry point (dtype is a torch attribute name such as 'float32').
+
+    Runs until a ShutdownCommand, or until its parent (the engine) is gone. A failed step is
+    fatal (reported, then the process exits); a failed reconfiguration command is reported and
+    the prepared state dropped, so the engine can roll back while this rank keeps its layout.
+    """
     torch.set_num_threads(1)
+    parent = os.getppid()
     ctx = zmq.Context()
     cmds = ctx.socket(zmq.PULL)
     cmds.connect(cmd_addr)
     results = ctx.socket(zmq.PUSH)
     results.setsockopt(zmq.LINGER, 1000)
     results.connect(result_addr)
+
+    def reply(kind: str, info: dict | None = None, message: str = "") -> None:
+        results.send(encode(WorkerReply(rank=rank, kind=kind, message=message, info=info or {})))
+
+    builder = ThreadPoolExecutor(1, thread_name_prefix="remp-prepare")
+    building: Future | None = None
     try:
         init_world(rank, pool_size, dist_init, backend)
-        worker = Worker(rank, pool_size, model_path, getattr(torch, dtype), device)
-        results.send(encode(WorkerReply(rank=rank, kind="ready", info={"pid": os.getpid()})))
+        worker = Worker(rank, model_path, getattr(torch, dtype), device)
+        reply("ready", {"pid": os.getpid()})
         while True:
+            if building is not None and building.done():
+                try:
+                    reply("prepared", building.result())
+                except Exception as exc:
+                    worker.abort()
+                    reply("error", {"traceback": traceback.format_exc()}, f"prepare: {type(exc).__name__}: {exc}")
+                building = None
+            if not cmds.poll(5 if building is not None else 1000):
+                if os.getppid() != parent:
+                    break
+                continue
             msg = decode(cmds.recv())
             if isinstance(msg, ShutdownCommand):
                 break
@@ -212,14 +240,23 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 result = worker.step(msg)
                 if result is not None:
                     results.send(encode(result))
-                continue
-            kind, info = worker.control(msg)
-            results.send(encode(WorkerReply(rank=rank, kind=kind, info=info)))
-    except Exception as exc:  # report, then die: the engine decides what a lost rank means
-        results.send(encode(WorkerReply(rank=rank, kind="error", message=f"{type(exc).__name__}: {exc}",
-                                        info={"traceback": traceback.format_exc()})))
+            elif isinstance(msg, PrepareCommand):
+                building = builder.submit(worker.prepare(msg))
+            else:
+                if isinstance(msg, AbortCommand) and building is not None:
+                    wait([building])
+                    building = None
+                try:
+                    reply(*worker.control(msg))
+                except Exception as exc:
+                    worker.abort()
+                    reply("error", {"traceback": traceback.format_exc()},
+                          f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a failed step or start-up: report, then die
+        reply("error", {"traceback": traceback.format_exc()}, f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        builder.shutdown(wait=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         results.close()
