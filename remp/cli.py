@@ -1,4 +1,4 @@
-"""The `remp` command: serve, generate, reconfigure, make-tiny-model, bench.
+"""The `remp` command: serve, generate, reconfigure, make-tiny-model, bench, profile, simulate.
 
 Flags follow `vllm serve`. Heavy imports (torch, transformers, uvicorn) happen inside the
 subcommands so `remp --help` stays instant. A request the user got wrong (a layout the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -41,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model name the API reports and accepts "
                        "(default: MODEL as given)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    auto = serve.add_argument_group("automatic layout (see docs/policy.md)")
+    auto.add_argument("--auto-reconfigure", action="store_true",
+                      help="switch the layout by itself as the load changes, predicted from a profile")
+    auto.add_argument("--profile", help="the `remp profile` JSON to predict from (default: MODEL/remp_profile.json)")
+    auto.add_argument("--slo-ttft-ms", type=float, help="time-to-first-token objective: optimise goodput under it")
+    auto.add_argument("--slo-tpot-ms", type=float, help="time-per-output-token objective")
+    auto.add_argument("--policy-interval", type=float, default=5.0, help="seconds between decisions (default 5)")
+    auto.add_argument("--policy-window", type=float, default=30.0,
+                      help="seconds of load history a decision sees (default 30)")
+    auto.add_argument("--policy-horizon", type=float, default=60.0,
+                      help="seconds over which a switch must repay its cost (default 60)")
+    auto.add_argument("--policy-dwell", type=float, default=30.0,
+                      help="least seconds between two automatic switches (default 30)")
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser("generate", help="generate text offline and report the speed")
@@ -68,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_make_tiny_model)
 
+    profile = commands.add_parser("profile", help="measure every layout's prefill and decode cost and every "
+                                  "switch on this machine into a JSON profile")
+    _add_engine_arguments(profile)
+    profile.add_argument("--output", "-o", help="where to write the profile (default: MODEL/remp_profile.json)")
+    profile.add_argument("--layouts", help="comma-separated tpXppY, the first is started (default: every layout "
+                         "valid on --worker-pool-size)")
+    profile.add_argument("--batch-sizes", type=_int_list, help="decode batch sizes (default 1,4,16,32; clipped to "
+                         "--max-num-seqs and the KV cache)")
+    profile.add_argument("--context-lens", type=_int_list, help="decode context lengths (default 64,256; clipped "
+                         "to --max-model-len)")
+    profile.add_argument("--prefill-tokens", type=_int_list, help="prompt tokens per prefill step (default "
+                         "64,256,1024; clipped to --max-num-batched-tokens)")
+    profile.set_defaults(run=_profile)
+
     # The benchmark's own parser is built only when it runs: its imports take seconds.
     bench = commands.add_parser("bench", help="benchmarks: `remp bench {serve,layouts,switch} --help`")
     bench.add_argument("benchmark", choices=["serve", "layouts", "switch"],
@@ -75,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "each fixed layout vs transformers; switch: every live layout switch vs a restart")
     bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)
+
+    from remp.sim import cli as sim_cli  # argparse only: the simulator is imported when it runs
+
+    simulate = commands.add_parser("simulate", help="replay a trace or rate schedule against profiled layouts, "
+                                   "fixed or under the autoscaling policy, and report as `remp bench serve` does")
+    sim_cli.add_arguments(simulate)
+    simulate.set_defaults(run=sim_cli.run)
     return parser
 
 
@@ -94,6 +129,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (overrides --kv-cache-space)")
     parser.add_argument("--threads-per-worker", type=int, help="default: cores / active workers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker-hang-timeout", type=float, default=15.0,
+                        help="seconds a worker may go without a heartbeat while the engine waits on it before "
+                             "it is declared hung and replaced (default: %(default)s)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -113,6 +151,7 @@ def _engine_config(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks,
         threads_per_worker=args.threads_per_worker,
         seed=args.seed,
+        worker_hang_timeout_s=args.worker_hang_timeout,
     )
 
 
@@ -131,18 +170,46 @@ def _serve(args: argparse.Namespace) -> int:
     # SIGTERM behaves like Ctrl-C, so the engine's workers are shut down on `kill` as well;
     # uvicorn re-raises the signal after its graceful shutdown.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     config = _engine_config(args)
     config.served_model_name = args.served_model_name
     try:
-        engine = AsyncEngine.start(config)
-    except ValueError as exc:  # TopologyError and ModelError included
+        policy = _auto_policy(args, config) if args.auto_reconfigure else None
+        engine = AsyncEngine.start(config, load_window_s=args.policy_window)
+    except (ValueError, OSError) as exc:  # TopologyError and ModelError included
         return _fail(exc)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            uvicorn.run(build_app(engine, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+            app = build_app(engine, args.api_key, policy, args.policy_interval)
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
     return 0
+
+
+def _auto_policy(args: argparse.Namespace, config):
+    """The policy `--auto-reconfigure` runs: the profile's layouts that are valid for this model and
+    pool, with the SLOs and hysteresis given."""
+    from pathlib import Path
+
+    from remp.config import ModelConfig
+    from remp.policy.policy import Policy
+    from remp.policy.profile import Profile
+    from remp.topology import valid_layouts
+
+    path = Path(args.profile or Path(args.model) / "remp_profile.json")
+    if not path.is_file():
+        raise ValueError(f"--auto-reconfigure needs a profile and {path} does not exist: run "
+                         f"`remp profile {args.model} --worker-pool-size {config.pool_size}` first, or pass --profile")
+    profile = Profile.load(path)
+    if profile.pool_size != config.pool_size:
+        raise ValueError(f"{path} was measured on a pool of {profile.pool_size} workers, this server has "
+                         f"{config.pool_size}: profile again with --worker-pool-size {config.pool_size}")
+    valid = [str(t) for t in valid_layouts(ModelConfig.from_pretrained(args.model), config.pool_size)]
+    ms = 1e-3
+    return Policy(profile, slo_ttft_s=args.slo_ttft_ms and args.slo_ttft_ms * ms,
+                  slo_tpot_s=args.slo_tpot_ms and args.slo_tpot_ms * ms, horizon_s=args.policy_horizon,
+                  dwell_s=args.policy_dwell, valid_layouts=valid)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -214,6 +281,32 @@ def _reconfigure(args: argparse.Namespace) -> int:
                   f"weights sliced {data['weight_bytes_loaded'] / 2**20:.1f} MiB, "
                   f"preempted {len(data['preempted_request_ids'])} request(s)")
     return 1 if data["outcome"] == "rolled_back" else 0
+
+
+def _int_list(text: str) -> list[int]:
+    """argparse type of a comma-separated list of integers, e.g. --batch-sizes 1,4,16."""
+    return [int(x) for x in text.split(",")]
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from remp.policy.profiler import profile_model, summary
+    from remp.topology import Topology
+
+    output = args.output or str(Path(args.model) / "remp_profile.json")
+    grid = {k: getattr(args, k) for k in ("batch_sizes", "context_lens", "prefill_tokens") if getattr(args, k)}
+    start = time.perf_counter()
+    try:
+        layouts = [Topology.parse(name) for name in args.layouts.split(",")] if args.layouts else None
+        profile = profile_model(_engine_config(args), layouts, **grid)
+    except ValueError as exc:
+        return _fail(exc)
+    profile.save(output)
+    print(summary(profile))
+    print(f"wrote {output} ({len(profile.layouts)} layouts, {len(profile.switch)} switches) in "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

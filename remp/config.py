@@ -113,6 +113,7 @@ class EngineConfig:
     threads_per_worker: int | None = None  # default: cores / active workers
     served_model_name: str | None = None
     seed: int = 0
+    worker_hang_timeout_s: float = 15.0  # a worker silent this long while awaited is replaced
 
     @property
     def pool_size(self) -> int:

@@ -7,6 +7,7 @@ Nothing else in remp computes ownership; a switch is the difference of two Topol
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from remp.config import ModelConfig
@@ -109,3 +110,15 @@ class Topology:
         slice has the padded size ceil(V / tp) so gathers are even (the last may run past V)."""
         per = -(-vocab_size // self.tp)
         return range(tp_rank * per, (tp_rank + 1) * per)
+
+
+def valid_layouts(model: ModelConfig, pool_size: int) -> list[Topology]:
+    """Every tp x pp layout `model` can run on `pool_size` workers, tp-major: what a switch may
+    target, so what a profile or a benchmark covers by default. Validity is `Topology.validate`'s."""
+    layouts = []
+    for tp in range(1, pool_size + 1):
+        for pp in range(1, pool_size // tp + 1):
+            with contextlib.suppress(TopologyError):
+                Topology(tp, pp).validate(model, pool_size)
+                layouts.append(Topology(tp, pp))
+    return layouts

@@ -38,6 +38,12 @@ from remp.bench.serve import (
     run,
     sample_random_requests,
 )
+from remp.bench.workload import (
+    load_trace,
+    parse_rate_schedule,
+    sample_trace_path,
+    schedule_arrivals,
+)
 
 WORDS = 40  # ordinary vocabulary w0..w39, ids 3..42
 
@@ -317,3 +323,69 @@ def test_remote_model_id_without_tokenizer_fails_clearly(tokenizer_dir: Path) ->
         with pytest.raises(BenchError, match="pass --tokenizer"):
             asyncio.run(benchmark(BenchConfig(base_url=url, num_prompts=1, disable_tqdm=True)))
     assert server.bodies == []
+
+
+def _cli(url: str, tokenizer_dir: Path, json_path: Path, *options: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([
+        "--base-url", url, "--tokenizer", str(tokenizer_dir), "--json", str(json_path),
+        "--disable-tqdm", *options,
+    ])
+
+
+def test_rate_schedule_cli_end_to_end_with_goodput(
+    tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = FakeOpenAIServer("served-name", usage=True, tokens_per_chunk=1)
+    out = tmp_path / "result.json"
+    schedule = "150:0.2,0:0.1,100:0.2"
+    expected = schedule_arrivals(parse_rate_schedule(schedule), input_len=6, output_len=4, seed=2)
+    with serving(server) as url:
+        result = run(_cli(url, tokenizer_dir, out, "--rate-schedule", schedule, "--seed", "2",
+                          "--input-len", "6", "--output-len", "4",
+                          "--goodput", "ttft:60000", "--slo-tpot-ms", "60000"))
+
+    assert len(server.bodies) == len(result.requests) == len(expected) > 20
+    assert all(len(b["prompt"]) == 6 and b["max_tokens"] == 4 for b in server.bodies)
+    saved = json.loads(out.read_text())
+    offsets = saved["start_offsets"]
+    assert offsets == sorted(offsets) and len(offsets) == len(expected)
+    # Never sent before its scheduled arrival; nothing scheduled in the idle 0.2-0.3 s.
+    assert all(sent >= item.arrival_s - 1e-3 for sent, item in zip(offsets, expected))
+    assert not any(0.2 <= item.arrival_s < 0.3 for item in expected)
+    assert saved["rate_schedule"] == [[150.0, 0.2], [0.0, 0.1], [100.0, 0.2]]
+    assert saved["goodput"] == {"ttft": 60000.0, "tpot": 60000.0}
+    assert saved["slo_attainment"] == 1.0
+    assert saved["request_goodput"] == pytest.approx(saved["request_throughput"])
+    report = capsys.readouterr().out
+    assert "Workload: rate schedule '150:0.2,0:0.1,100:0.2'" in report
+    assert "Request goodput (req/s):" in report and "Requests within SLOs (%):" in report
+
+
+def test_trace_cli_end_to_end(
+    tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = FakeOpenAIServer("served-name", usage=True, tokens_per_chunk=2)
+    out = tmp_path / "result.json"
+    expected = load_trace(sample_trace_path(), time_scale=100.0, length_scale=0.02, start_s=5.0,
+                          duration_s=30.0, max_input_len=12, max_output_len=6, max_requests=15)
+    with serving(server) as url:
+        result = run(_cli(url, tokenizer_dir, out, "--trace", sample_trace_path(),
+                          "--trace-time-scale", "100", "--trace-length-scale", "0.02",
+                          "--trace-start", "5", "--trace-duration", "30",
+                          "--trace-max-input-len", "12", "--trace-max-output-len", "6",
+                          "--num-prompts", "15"))
+
+    assert len(expected) == 15 and len(server.bodies) == 15
+    assert all(r.success for r in result.requests)
+    assert [(r.prompt_len, r.output_tokens) for r in result.requests] == [
+        (i.input_len, i.output_len) for i in expected]
+    saved = json.loads(out.read_text())
+    assert saved["num_prompts"] == 15 and saved["trace_time_scale"] == 100.0
+    assert saved["request_goodput"] is None
+    assert all(sent >= item.arrival_s - 1e-3 for sent, item in zip(saved["start_offsets"], expected))
+    report = capsys.readouterr().out
+    assert "Workload: trace " in report and "time scale 100 (replayed 100x as fast)" in report
+    assert "length scale 0.02, input clipped to 12, output clipped to 6" in report
+    assert "original time 5 s to 35 s" in report

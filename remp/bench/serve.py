@@ -10,6 +10,12 @@ Prompts are synthetic ("random" dataset): token ids drawn from the tokenizer's
 vocabulary and sent as a token-id prompt, so the server sees exactly the
 requested input length instead of whatever a decode/re-encode round trip
 would give.  Output length is forced with ``max_tokens`` plus ``ignore_eos``.
+
+Instead of a steady rate, ``--trace`` replays the arrivals and lengths of a
+recorded trace (Azure LLM inference trace, BurstGPT, JSONL) and
+``--rate-schedule`` follows a piecewise-constant or day-shaped rate; see
+``remp.bench.workload``.  ``--goodput`` / ``--slo-ttft-ms`` / ``--slo-tpot-ms``
+add vLLM's goodput: requests per second that met every latency objective.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -31,6 +37,14 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from remp.bench.workload import (
+    WorkItem,
+    draw_lengths,
+    load_trace,
+    parse_rate_schedule,
+    schedule_arrivals,
+)
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -41,6 +55,8 @@ ENDPOINTS = (COMPLETIONS, CHAT_COMPLETIONS)
 REQUEST_TIMEOUT_S = 6 * 60 * 60
 
 _LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")  # the SLOs vLLM's --goodput accepts, in ms
+DEFAULT_NUM_PROMPTS = 1000  # requests of a random-dataset run when --num-prompts is not given
 
 
 class BenchError(RuntimeError):
@@ -57,7 +73,9 @@ class BenchConfig:
     api_key: str | None = None
     request_rate: float = math.inf  # requests per second; inf sends everything at once
     burstiness: float = 1.0  # gamma shape of inter-arrival gaps; 1.0 is Poisson
-    num_prompts: int = 1000
+    # Random dataset: how many requests (None: DEFAULT_NUM_PROMPTS).  Trace or
+    # rate schedule: at most this many of its requests (None: all of them).
+    num_prompts: int | None = None
     input_len: int = 1024
     output_len: int = 128
     range_ratio: float = 0.0  # lengths drawn uniformly from [len*(1-r), len*(1+r)]
@@ -65,6 +83,15 @@ class BenchConfig:
     max_concurrency: int | None = None
     tokenizer: str | None = None  # None: the model id, if it is a local directory
     disable_tqdm: bool = False
+    trace: str | None = None  # replay this trace's arrivals and lengths instead
+    trace_time_scale: float = 1.0  # 2 replays the trace twice as fast
+    trace_length_scale: float = 1.0  # multiplies every prompt and output length
+    trace_start: float = 0.0  # window of the original trace time, in seconds
+    trace_duration: float | None = None
+    trace_max_input_len: int | None = None
+    trace_max_output_len: int | None = None
+    rate_schedule: str | None = None  # "RATE:SECONDS,..." or "day:low=,peak=,period=[,steps=]"
+    goodput: dict[str, float] = field(default_factory=dict)  # SLO in ms per GOODPUT_METRICS key
 
 
 @dataclass
@@ -87,6 +114,7 @@ class RequestRecord:
     latency: float = 0.0  # arrival of the last text chunk
     output_tokens: int = 0  # usage.completion_tokens, else the number of text chunks
     generated_text: str = ""
+    start_offset: float = 0.0  # when it was sent, seconds after the start of the run
 
 
 @dataclass
@@ -130,6 +158,10 @@ class Metrics:
     tpot: LatencyStats  # (e2e - ttft) / (output_tokens - 1), requests with > 1 token
     itl: LatencyStats  # every chunk gap of every request, pooled
     e2el: LatencyStats
+    # With SLOs (--goodput): requests per second that met all of them, and the
+    # share of all requests (failed ones included) that did; None without SLOs.
+    request_goodput: float | None = None
+    slo_attainment: float | None = None
 
 
 @dataclass
@@ -142,6 +174,7 @@ class BenchResult:
     metrics: Metrics
     requests: list[RequestRecord]
     date: str
+    workload: str  # what was sent and how a trace was scaled, in words
 
     def to_json(self) -> dict[str, Any]:
         """Flat, strict-JSON dict in the layout of vLLM's ``--save-result`` files.
@@ -157,7 +190,19 @@ class BenchResult:
             "endpoint": cfg.endpoint,
             "model_id": self.model,
             "tokenizer_id": self.tokenizer,
-            "num_prompts": cfg.num_prompts,
+            "workload": self.workload,
+            "trace": cfg.trace,
+            "trace_time_scale": cfg.trace_time_scale,
+            "trace_length_scale": cfg.trace_length_scale,
+            "trace_start": cfg.trace_start,
+            "trace_duration": cfg.trace_duration,
+            "trace_max_input_len": cfg.trace_max_input_len,
+            "trace_max_output_len": cfg.trace_max_output_len,
+            "rate_schedule": (
+                parse_rate_schedule(cfg.rate_schedule) if cfg.rate_schedule else None
+            ),
+            "goodput": cfg.goodput or None,
+            "num_prompts": len(self.requests),
             "input_len": cfg.input_len,
             "output_len": cfg.output_len,
             "range_ratio": cfg.range_ratio,
@@ -171,6 +216,8 @@ class BenchResult:
             "total_input_tokens": m.total_input_tokens,
             "total_output_tokens": m.total_output_tokens,
             "request_throughput": m.request_throughput,
+            "request_goodput": m.request_goodput,
+            "slo_attainment": m.slo_attainment,
             "output_throughput": m.output_throughput,
             "total_token_throughput": m.total_token_throughput,
         }
@@ -179,6 +226,7 @@ class BenchResult:
             for stat in ("mean", "median", "std", "p90", "p99"):
                 out[f"{stat}_{name}_ms"] = getattr(stats, f"{stat}_ms")
         out.update(
+            start_offsets=[r.start_offset for r in self.requests],
             input_lens=[r.prompt_len for r in self.requests],
             output_lens=[r.output_tokens for r in self.requests],
             ttfts=[r.ttft for r in self.requests],
@@ -221,8 +269,18 @@ def sample_random_requests(
     """
     rng = np.random.default_rng(seed)
     vocab = _sampleable_ids(tokenizer)
-    input_lens = _draw_lengths(rng, input_len, range_ratio, num_prompts)
-    output_lens = _draw_lengths(rng, output_len, range_ratio, num_prompts)
+    input_lens = draw_lengths(rng, input_len, range_ratio, num_prompts)
+    output_lens = draw_lengths(rng, output_len, range_ratio, num_prompts)
+    return _random_prompts(rng, vocab, input_lens, output_lens)
+
+
+def _random_prompts(
+    rng: np.random.Generator,
+    vocab: np.ndarray,
+    input_lens: Sequence[int],
+    output_lens: Sequence[int],
+) -> list[SampleRequest]:
+    """One prompt of ``n`` uniformly drawn ``vocab`` ids per (n, output length) pair."""
     return [
         SampleRequest(prompt_ids=rng.choice(vocab, size=int(n)).tolist(), output_len=int(m))
         for n, m in zip(input_lens, output_lens)
@@ -238,19 +296,37 @@ def _sampleable_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def _draw_lengths(rng: np.random.Generator, length: int, ratio: float, num: int) -> np.ndarray:
-    """``num`` lengths uniform on [floor(length*(1-ratio)), ceil(length*(1+ratio))], at least 1."""
-    low = max(1, math.floor(length * (1 - ratio)))
-    high = max(low, math.ceil(length * (1 + ratio)))
-    return rng.integers(low, high + 1, size=num)
+def _tpot(record: RequestRecord) -> float | None:
+    """Time per output token after the first; None for a request with a single token."""
+    if record.output_tokens <= 1:
+        return None
+    return (record.latency - record.ttft) / (record.output_tokens - 1)
 
 
-def compute_metrics(records: Sequence[RequestRecord], duration_s: float) -> Metrics:
-    """Aggregate per-request records the way vLLM's ``calculate_metrics`` does."""
+def meets_slos(record: RequestRecord, slos_ms: Mapping[str, float]) -> bool:
+    """Whether ``record`` succeeded within every SLO, as vLLM's goodput counts it.
+
+    Keys are GOODPUT_METRICS, values milliseconds; a request of one token has
+    no TPOT and vLLM counts it as 0, so it always meets a TPOT objective.
+    """
+    if not record.success:
+        return False
+    measured = {"ttft": record.ttft, "tpot": _tpot(record) or 0.0, "e2el": record.latency}
+    return all(measured[name] <= slo / 1000.0 for name, slo in slos_ms.items())
+
+
+def compute_metrics(
+    records: Sequence[RequestRecord], duration_s: float, slos_ms: Mapping[str, float] | None = None
+) -> Metrics:
+    """Aggregate per-request records the way vLLM's ``calculate_metrics`` does.
+
+    ``slos_ms`` (``{"ttft": 500, "tpot": 50}``) adds goodput, like vLLM's ``--goodput``.
+    """
     ok = [r for r in records if r.success]
     total_input = sum(r.prompt_len for r in ok)
     total_output = sum(r.output_tokens for r in ok)
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    tpots = [t for t in map(_tpot, ok) if t is not None]
+    good = sum(meets_slos(r, slos_ms) for r in ok) if slos_ms else None
     return Metrics(
         completed=len(ok),
         failed=len(records) - len(ok),
@@ -264,7 +340,23 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float) -> Metr
         tpot=LatencyStats.of(tpots),
         itl=LatencyStats.of([gap for r in ok for gap in r.itl]),
         e2el=LatencyStats.of([r.latency for r in ok]),
+        request_goodput=None if good is None else good / duration_s,
+        slo_attainment=None if good is None else good / len(records),
     )
+
+
+def parse_goodput(items: Sequence[str]) -> dict[str, float]:
+    """vLLM's ``--goodput`` values, e.g. ``["ttft:500", "tpot:50"]``, as {metric: ms}."""
+    slos: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition(":")
+        try:
+            slos[name.strip().lower()] = float(value)
+        except ValueError:
+            raise BenchError(
+                f"--goodput takes KEY:VALUE pairs in ms, e.g. ttft:500 tpot:50; not {item!r}"
+            ) from None
+    return slos
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[tuple[float, str]]:
@@ -417,8 +509,12 @@ def _validate(config: BenchConfig) -> None:
     if config.endpoint not in ENDPOINTS:
         choices = ", ".join(ENDPOINTS)
         raise BenchError(f"--endpoint must be one of {choices}, not {config.endpoint!r}")
-    if config.num_prompts < 1 or config.input_len < 1 or config.output_len < 1:
-        raise BenchError("--num-prompts, --input-len and --output-len must be at least 1")
+    if config.num_prompts is not None and config.num_prompts < 1:
+        raise BenchError(f"--num-prompts must be at least 1, not {config.num_prompts}")
+    if config.input_len < 1 or config.output_len < 1:
+        raise BenchError("--input-len and --output-len must be at least 1")
+    if config.trace and config.rate_schedule:
+        raise BenchError("--trace and --rate-schedule are alternatives; give one")
     if not 0.0 <= config.range_ratio < 1.0:
         raise BenchError(f"--range-ratio must be in [0, 1), not {config.range_ratio}")
     if not config.request_rate > 0:
@@ -427,6 +523,96 @@ def _validate(config: BenchConfig) -> None:
         raise BenchError(f"--burstiness must be a positive number, not {config.burstiness}")
     if config.max_concurrency is not None and config.max_concurrency < 1:
         raise BenchError(f"--max-concurrency must be at least 1, not {config.max_concurrency}")
+    for name, slo in config.goodput.items():
+        if name not in GOODPUT_METRICS:
+            choices = ", ".join(GOODPUT_METRICS)
+            raise BenchError(f"--goodput metric must be one of {choices}, not {name!r}")
+        if not (slo > 0 and math.isfinite(slo)):
+            raise BenchError(f"--goodput {name} must be a positive number of ms, not {slo}")
+
+
+def load_workload(config: BenchConfig) -> list[WorkItem] | None:
+    """The requests of a --trace or --rate-schedule run, at most --num-prompts of them.
+
+    None for the steady random dataset.  Called before the server is contacted,
+    so a bad trace file or schedule fails at once.
+    """
+    try:
+        if config.trace:
+            return load_trace(
+                config.trace,
+                time_scale=config.trace_time_scale,
+                length_scale=config.trace_length_scale,
+                max_input_len=config.trace_max_input_len,
+                max_output_len=config.trace_max_output_len,
+                start_s=config.trace_start,
+                duration_s=config.trace_duration,
+                max_requests=config.num_prompts,
+            )
+        if config.rate_schedule:
+            items = schedule_arrivals(
+                parse_rate_schedule(config.rate_schedule),
+                input_len=config.input_len,
+                output_len=config.output_len,
+                range_ratio=config.range_ratio,
+                burstiness=config.burstiness,
+                seed=config.seed,
+            )
+            if not items:
+                raise ValueError(f"rate schedule {config.rate_schedule!r} produced no arrivals")
+            return items[: config.num_prompts]
+    except (OSError, ValueError) as exc:
+        raise BenchError(str(exc)) from exc
+    return None
+
+
+def describe_workload(config: BenchConfig, items: Sequence[WorkItem] | None) -> str:
+    """One line saying what is sent, including how a trace was windowed and scaled."""
+    if items is None:
+        return (
+            f"random: {config.num_prompts or DEFAULT_NUM_PROMPTS} requests at "
+            f"{config.request_rate} req/s (burstiness {config.burstiness}), "
+            f"input {config.input_len} / output {config.output_len} tokens, "
+            f"range ratio {config.range_ratio}"
+        )
+    span = items[-1].arrival_s
+    sent = (
+        f"{len(items)} requests over {span:.1f} s"
+        f" (mean {len(items) / span if span else math.inf:.2f} req/s), mean input "
+        f"{np.mean([i.input_len for i in items]):.0f} / output "
+        f"{np.mean([i.output_len for i in items]):.0f} tokens"
+    )
+    if config.rate_schedule:
+        return (
+            f"rate schedule {config.rate_schedule!r}: {sent}, burstiness {config.burstiness}, "
+            f"range ratio {config.range_ratio}"
+        )
+    duration = config.trace_duration
+    end = "the end" if duration is None else f"{config.trace_start + duration:g} s"
+    limits = (("input", config.trace_max_input_len), ("output", config.trace_max_output_len))
+    clip = "".join(f", {what} clipped to {limit}" for what, limit in limits if limit is not None)
+    return (
+        f"trace {config.trace}: {sent}; original time {config.trace_start:g} s to {end}, "
+        f"time scale {config.trace_time_scale:g} (replayed {config.trace_time_scale:g}x as fast), "
+        f"length scale {config.trace_length_scale:g}{clip}"
+    )
+
+
+def _prepare(
+    config: BenchConfig, tokenizer: PreTrainedTokenizerBase, items: Sequence[WorkItem] | None
+) -> tuple[list[SampleRequest], np.ndarray]:
+    """Prompts and send offsets: each item's lengths, or the random dataset at a steady rate."""
+    if items is None:
+        num = config.num_prompts or DEFAULT_NUM_PROMPTS
+        samples = sample_random_requests(
+            tokenizer, num, config.input_len, config.output_len, config.range_ratio, config.seed
+        )
+        return samples, arrival_offsets(num, config.request_rate, config.burstiness, config.seed)
+    samples = _random_prompts(
+        np.random.default_rng(config.seed), _sampleable_ids(tokenizer),
+        [i.input_len for i in items], [i.output_len for i in items],
+    )
+    return samples, np.array([i.arrival_s for i in items])
 
 
 async def _drive(
@@ -452,7 +638,9 @@ async def _drive(
 
     async def one(payload: dict[str, Any], prompt_len: int) -> RequestRecord:
         async with limit:
+            sent = time.perf_counter() - start
             record = await send_request(session, url, config.endpoint, payload, prompt_len)
+        record.start_offset = sent
         progress.update(1)
         return record
 
@@ -476,6 +664,8 @@ async def benchmark(config: BenchConfig) -> BenchResult:
     listed, or no tokenizer can be loaded; failed requests are counted, not raised.
     """
     _validate(config)
+    items = load_workload(config)
+    workload = describe_workload(config, items)
     base_url = config.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     async with aiohttp.ClientSession(
@@ -486,15 +676,9 @@ async def benchmark(config: BenchConfig) -> BenchResult:
         model = config.model or await _first_model(session, base_url)
         tokenizer_path = config.tokenizer or _default_tokenizer(model)
         tokenizer = load_tokenizer(tokenizer_path)
-        samples = sample_random_requests(
-            tokenizer, config.num_prompts, config.input_len, config.output_len,
-            config.range_ratio, config.seed,
-        )
+        samples, offsets = _prepare(config, tokenizer, items)
         # Build (and for chat, decode) every body before the clock starts.
         payloads = [build_payload(config, model, tokenizer, s) for s in samples]
-        offsets = arrival_offsets(
-            config.num_prompts, config.request_rate, config.burstiness, config.seed
-        )
         date = datetime.now(timezone.utc).isoformat(timespec="seconds")
         records, duration = await _drive(
             session, base_url + config.endpoint, config, payloads,
@@ -504,16 +688,17 @@ async def benchmark(config: BenchConfig) -> BenchResult:
         config=config,
         model=model,
         tokenizer=tokenizer_path,
-        metrics=compute_metrics(records, duration),
+        metrics=compute_metrics(records, duration, config.goodput),
         requests=records,
         date=date,
+        workload=workload,
     )
 
 
 def format_report(result: BenchResult) -> str:
     """The "Serving Benchmark Result" table, laid out like vLLM's."""
     m = result.metrics
-    lines = [f"{' Serving Benchmark Result ':=^50}"]
+    lines = [f"{' Serving Benchmark Result ':=^50}", f"Workload: {result.workload}"]
 
     def row(label: str, value: float | int | str) -> None:
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
@@ -527,6 +712,11 @@ def format_report(result: BenchResult) -> str:
     row("Total input tokens:", m.total_input_tokens)
     row("Total generated tokens:", m.total_output_tokens)
     row("Request throughput (req/s):", m.request_throughput)
+    if m.request_goodput is not None and m.slo_attainment is not None:
+        slos = ", ".join(f"{name} <= {ms:g} ms" for name, ms in result.config.goodput.items())
+        row("Request goodput (req/s):", m.request_goodput)
+        row("Requests within SLOs (%):", 100.0 * m.slo_attainment)
+        row("SLOs:", slos)
     row("Output token throughput (tok/s):", m.output_throughput)
     row("Total token throughput (tok/s):", m.total_token_throughput)
     sections = (
@@ -558,44 +748,110 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--endpoint", default=d.endpoint, choices=ENDPOINTS, help="API (default: %(default)s)")
     add("--api-key", help="sent as 'Authorization: Bearer <key>'")
     add("--request-rate", type=float, default=d.request_rate,
-        help="requests per second; inf sends all at once (default: %(default)s)")
+        help="requests per second; inf sends all at once; unused with --trace or --rate-schedule "
+        "(default: %(default)s)")
     add("--burstiness", type=float, default=d.burstiness,
-        help="gamma shape of arrival gaps: 1 is Poisson, lower is burstier (default: %(default)s)")
-    add("--num-prompts", type=int, default=d.num_prompts, help="requests (default: %(default)s)")
-    add("--input-len", type=int, default=d.input_len, help="prompt tokens (default: %(default)s)")
-    add("--output-len", type=int, default=d.output_len, help="new tokens (default: %(default)s)")
+        help="gamma shape of arrival gaps: 1 is Poisson, lower is burstier; also shapes "
+        "--rate-schedule arrivals (default: %(default)s)")
+    add("--num-prompts", type=int,
+        help=f"requests (default: {DEFAULT_NUM_PROMPTS}); with --trace or --rate-schedule, "
+        "the most to send (default: all)")
+    add("--input-len", type=int, default=d.input_len,
+        help="prompt tokens, also of --rate-schedule requests (default: %(default)s)")
+    add("--output-len", type=int, default=d.output_len,
+        help="new tokens, also of --rate-schedule requests (default: %(default)s)")
     add("--range-ratio", type=float, default=d.range_ratio,
         help="draw lengths uniformly within +-ratio of the given ones (default: %(default)s)")
     add("--seed", type=int, default=d.seed, help="prompt and arrival seed (default: %(default)s)")
     add("--max-concurrency", type=int, help="most requests in flight at once (default: no limit)")
     add("--json", dest="json_path", metavar="PATH",
-        help="write the results, config and per-request records as JSON")
+        help="write the results, config and per-request records (with start_offsets, each "
+        "request's send time in s after the start) as JSON")
     add("--tokenizer", help="HF tokenizer directory (default: the model id, if a local directory)")
     add("--disable-tqdm", action="store_true", help="hide the progress bar")
+
+    workload = parser.add_argument_group(
+        "workload", "replay a trace or follow a rate schedule instead of a steady --request-rate; "
+        "prompts are synthetic token ids of each request's length, outputs forced to its length")
+    source = workload.add_mutually_exclusive_group()
+    source.add_argument("--trace", metavar="FILE",
+        help="CSV or JSONL trace: Azure LLM inference trace (TIMESTAMP, ContextTokens, "
+        "GeneratedTokens), BurstGPT (Timestamp, Request tokens, Response tokens) or JSONL "
+        "(timestamp|arrival_s, input_len|input_tokens, output_len|output_tokens); a 10-minute "
+        "Azure sample ships at remp/data/traces/azure_llm_2023_conv_10min.csv")
+    source.add_argument("--rate-schedule", metavar="TEXT",
+        help="piecewise-constant rate 'RATE:SECONDS,...' (e.g. '1:60,4:60,1:60') or a day shape "
+        "'day:low=RATE,peak=RATE,period=SECONDS[,steps=N]'")
+    add = workload.add_argument
+    add("--trace-time-scale", type=float, metavar="X", default=d.trace_time_scale,
+        help="divide trace arrival times by this: 2 replays twice as fast (default: %(default)s)")
+    add("--trace-length-scale", type=float, metavar="X", default=d.trace_length_scale,
+        help="multiply trace prompt and output lengths by this, rounded, at least 1 "
+        "(default: %(default)s)")
+    add("--trace-start", type=float, metavar="SECONDS", default=d.trace_start,
+        help="start at this many seconds of original trace time (default: %(default)s)")
+    add("--trace-duration", type=float, metavar="SECONDS",
+        help="replay only this many seconds of original trace time (default: to the end)")
+    add("--trace-max-input-len", type=int, metavar="N",
+        help="clip trace prompt lengths (after scaling) to this")
+    add("--trace-max-output-len", type=int, metavar="N",
+        help="clip trace output lengths (after scaling) to this")
+
+    slo = parser.add_argument_group(
+        "goodput", "requests per second that met every latency SLO, as in vLLM")
+    slo.add_argument("--goodput", nargs="+", metavar="KEY:VALUE", default=[],
+        help="SLOs in ms, keys ttft, tpot, e2el, e.g. --goodput ttft:500 tpot:50")
+    slo.add_argument("--slo-ttft-ms", type=float, metavar="MS",
+        help="TTFT SLO in ms (same as --goodput ttft:MS)")
+    slo.add_argument("--slo-tpot-ms", type=float, metavar="MS",
+        help="TPOT SLO in ms (same as --goodput tpot:MS)")
+
+
+def _slos(args: argparse.Namespace) -> dict[str, float]:
+    """--goodput pairs and the --slo-*-ms shorthands as one {metric: ms}; conflicts are errors."""
+    slos = parse_goodput(args.goodput)
+    for name, ms in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms)):
+        if ms is None:
+            continue
+        if slos.get(name, ms) != ms:
+            raise BenchError(f"--slo-{name}-ms {ms:g} contradicts --goodput {name}:{slos[name]:g}")
+        slos[name] = ms
+    return slos
 
 
 def run(args: argparse.Namespace) -> BenchResult:
     """Run `remp bench serve` from parsed arguments: benchmark, print the table, write --json."""
-    config = BenchConfig(
-        base_url=args.base_url,
-        model=args.model,
-        endpoint=args.endpoint,
-        api_key=args.api_key,
-        request_rate=args.request_rate,
-        burstiness=args.burstiness,
-        num_prompts=args.num_prompts,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        range_ratio=args.range_ratio,
-        seed=args.seed,
-        max_concurrency=args.max_concurrency,
-        tokenizer=args.tokenizer,
-        disable_tqdm=args.disable_tqdm,
-    )
-    print(f"Traffic request rate: {config.request_rate}", file=sys.stderr)
-    print(f"Burstiness factor: {config.burstiness}", file=sys.stderr)
-    print(f"Maximum request concurrency: {config.max_concurrency}", file=sys.stderr)
     try:
+        config = BenchConfig(
+            base_url=args.base_url,
+            model=args.model,
+            endpoint=args.endpoint,
+            api_key=args.api_key,
+            request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            range_ratio=args.range_ratio,
+            seed=args.seed,
+            max_concurrency=args.max_concurrency,
+            tokenizer=args.tokenizer,
+            disable_tqdm=args.disable_tqdm,
+            trace=args.trace,
+            trace_time_scale=args.trace_time_scale,
+            trace_length_scale=args.trace_length_scale,
+            trace_start=args.trace_start,
+            trace_duration=args.trace_duration,
+            trace_max_input_len=args.trace_max_input_len,
+            trace_max_output_len=args.trace_max_output_len,
+            rate_schedule=args.rate_schedule,
+            goodput=_slos(args),
+        )
+        source = "--trace" if config.trace else "--rate-schedule" if config.rate_schedule else None
+        rate = f"set by {source}" if source else config.request_rate
+        print(f"Traffic request rate: {rate}", file=sys.stderr)
+        print(f"Burstiness factor: {config.burstiness}", file=sys.stderr)
+        print(f"Maximum request concurrency: {config.max_concurrency}", file=sys.stderr)
         result = asyncio.run(benchmark(config))
     except BenchError as exc:
         raise SystemExit(f"remp bench serve: {exc}") from exc

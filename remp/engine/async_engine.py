@@ -11,12 +11,15 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator
 
 from remp.config import EngineConfig
 from remp.engine.llm_engine import EngineStats, LLMEngine
 from remp.engine.outputs import RequestOutput
 from remp.engine.sampling import SamplingParams
+from remp.executor.local import WorkerError
+from remp.policy.stats import LoadTracker
 from remp.reconfig.transaction import ReconfigInProgress, ReconfigResult
 from remp.topology import Topology
 
@@ -28,8 +31,11 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, load_window_s: float = 30.0):
         self.engine = engine
+        # Arrivals and finishes over a sliding window: what --auto-reconfigure decides from.
+        # Touched only on the event loop.
+        self.load = LoadTracker(load_window_s, start=time.monotonic())
         self.config = engine.config
         self.model_config = engine.model_config
         self.tokenizer = engine.tokenizer
@@ -45,8 +51,8 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def start(cls, config: EngineConfig) -> "AsyncEngine":
-        return cls(LLMEngine(config))
+    def start(cls, config: EngineConfig, load_window_s: float = 30.0) -> "AsyncEngine":
+        return cls(LLMEngine(config), load_window_s)
 
     @property
     def topology(self) -> Topology:
@@ -54,9 +60,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        """False once the engine loop stopped or any worker process exited (also while idle)."""
-        return (self.error is None and self._thread.is_alive()
-                and all(p.poll() is None for p in self.engine.executor.procs))
+        """False once the engine loop stopped: a lost worker it could not replace, or shutdown."""
+        return self.error is None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -76,6 +81,7 @@ class AsyncEngine:
             self._streams.pop(request_id)
             raise EngineDeadError(f"the engine has stopped: {self.error}")
         self._inbox.put(("add", request_id, list(prompt_token_ids), params))
+        self.load.on_arrival(time.monotonic(), len(prompt_token_ids), params.max_tokens)
         finished = False
         try:
             while True:
@@ -87,6 +93,7 @@ class AsyncEngine:
                 yield out
                 if out.finished:
                     finished = True
+                    self.load.on_finish(time.monotonic(), len(prompt_token_ids), len(out.token_ids))
                     return
         finally:
             self._streams.pop(request_id, None)
@@ -156,17 +163,31 @@ class AsyncEngine:
             self.engine.abort_request(msg[1])
 
     def _loop(self) -> None:
+        idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
-                while self._deferred:
-                    self._handle(self._deferred.pop(0))
-                if not self.engine.has_unfinished():
-                    try:
-                        self._handle(self._inbox.get(timeout=0.1))
-                    except queue.Empty:
-                        continue
-                self._pump(self.engine.step())
-        except BaseException as exc:  # a dead worker ends serving; tell everyone waiting why
+                try:
+                    while self._deferred:
+                        self._handle(self._deferred.pop(0))
+                    if not self.engine.has_unfinished():
+                        # Watch the pool while idle too: a worker lost now is replaced before a
+                        # request needs it.
+                        self.engine.executor.check_workers(idle_since)
+                        try:
+                            self._handle(self._inbox.get(timeout=0.1))
+                        except queue.Empty:
+                            continue
+                    self._pump(self.engine.step())
+                    idle_since = time.monotonic()
+                except WorkerError:
+                    if not self.engine.executor.failed_ranks():
+                        raise  # a worker reported a failure of its own: nothing to replace
+                    log.exception("lost a worker; replacing it")
+                    recovery = self.engine.recover(self._pump)
+                    log.warning("replaced worker rank %s; %d running requests recompute",
+                                recovery.replaced_ranks, len(recovery.preempted_request_ids))
+                    idle_since = time.monotonic()
+        except BaseException as exc:  # a worker that cannot be replaced ends serving; tell everyone why
             log.exception("engine loop failed")
             self.error = exc
             self._fail_all(exc)

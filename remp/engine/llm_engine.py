@@ -36,6 +36,17 @@ class EngineStats:
     step_count: int
     control_plane_s: float  # engine + worker time spent building, sending and parsing step commands
     step_wall_s: float  # summed wall time from submit to result
+    num_worker_replacements: int
+
+
+@dataclass
+class Recovery:
+    """What replacing lost workers cost: the ranks restarted and the requests whose KV went with
+    them (they recompute, so their tokens do not change)."""
+
+    replaced_ranks: list[int]
+    preempted_request_ids: list[str]
+    cause: str  # e.g. "rank 1 exited (code -9)", "rank 2 hung"
 
 
 class LLMEngine:
@@ -60,7 +71,7 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         num_blocks = self.num_blocks_for(topo)
         self.executor = LocalExecutor(config.model, config.pool_size, str(self.dtype).removeprefix("torch."),
-                                      config.device)
+                                      config.device, hang_timeout_s=config.worker_hang_timeout_s)
         try:
             self.executor.load(topo, num_blocks, config.block_size, self.threads_for(topo))
         except BaseException:
@@ -78,6 +89,7 @@ class LLMEngine:
         self.step_count = 0
         self.control_plane_s = 0.0
         self.step_wall_s = 0.0
+        self.num_worker_replacements = 0
 
     def num_blocks_for(self, topo: Topology) -> int:
         cfg = self.config
@@ -202,6 +214,35 @@ class LLMEngine:
         """Switch the layout live (see remp.reconfig.transaction); call between steps."""
         return run_transaction(self, target, on_outputs)
 
+    def recover(self, on_outputs: Callable[[list[RequestOutput]], None]) -> Recovery:
+        """Replace every worker that died or hung and serve on at the current layout. If all lost
+        ranks were standby, nothing live was on them: steps in flight finish and every request
+        keeps its KV. Otherwise the steps in flight are dropped and every running request is
+        preempted to recompute (its KV was partly on the lost rank). Raises WorkerError if the
+        pool cannot be rebuilt."""
+        executor, topo = self.executor, self.executor.topology
+        failed = executor.failed_ranks()
+        cause = ", ".join(f"rank {r} exited (code {executor.procs[r].returncode})"
+                          if executor.procs[r].poll() is not None else f"rank {r} hung" for r in failed)
+        executor.kill(failed)
+        preempted: list[str] = []
+        if any(topo.coords(r) is not None for r in failed):
+            for items in self._batches.values():
+                for item in items:
+                    self.scheduler.step_done(item)
+            self._batches.clear()
+            self._submit_times.clear()
+            for seq in reversed(list(self.scheduler.running)):
+                self.scheduler.preempt(seq)
+                preempted.append(seq.request_id)
+        else:
+            while executor.in_flight:
+                on_outputs(self.collect())
+        replaced = executor.replace()
+        executor.load(topo, self.scheduler.blocks.num_blocks, self.config.block_size, self.threads_for(topo))
+        self.num_worker_replacements += len(replaced)
+        return Recovery(replaced, preempted, cause)
+
     def kv_digests(self, blocks: list[int]) -> dict[str, set[str]]:
         """Hash of every (layer, KV head, block) slice, gathered over the ranks holding it
         (replicated heads give one hash per holder, all equal unless something is wrong)."""
@@ -216,7 +257,7 @@ class LLMEngine:
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=s.blocks.usage,
                            num_kv_blocks=s.blocks.num_blocks, num_preemptions=s.num_preemptions,
                            step_count=self.step_count, control_plane_s=self.control_plane_s,
-                           step_wall_s=self.step_wall_s)
+                           step_wall_s=self.step_wall_s, num_worker_replacements=self.num_worker_replacements)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -4,10 +4,14 @@ Commands go to each worker on its own PUSH socket (reliable, ordered, no slow-jo
 loss as with PUB/SUB); replies and sampled tokens come back on one PULL socket. Sockets
 are Unix-domain (ipc://) in a private temporary directory, so nothing listens on the
 network. The engine never blocks forever on a worker: every wait polls, checks that all
-processes are alive and honours a timeout.
+processes are alive, that each has sent a heartbeat recently (a stopped or wedged process
+stops beating, one blocked in a collective on a lost peer does not), and honours a timeout.
+A worker that died or hung is replaced by `replace`: the survivors re-form the world group
+with a fresh process in the lost rank's place.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -20,8 +24,9 @@ from collections.abc import Iterable
 
 import zmq
 
-from remp.executor.messages import (AbortCommand, CommitCommand, DigestCommand, MigrateCommand, PrepareCommand,
-                                    ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
+from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, DigestCommand, MigrateCommand,
+                                    PrepareCommand, ReformCommand, ShutdownCommand, StepCommand, StepResult,
+                                    WorkerReply, decode, encode)
 from remp.topology import Topology
 
 
@@ -29,43 +34,71 @@ class WorkerError(RuntimeError):
     """A worker died, reported an error or did not answer in time."""
 
 
+class WorkerReportedError(WorkerError):
+    """A worker is alive and reported that a command failed."""
+
+
 class LocalExecutor:
     """One worker process per pool rank on this host, the engine's only way to reach them."""
 
     def __init__(self, model_path: str, pool_size: int, dtype: str, device: str = "cpu",
-                 start_timeout_s: float = 180.0):
+                 start_timeout_s: float = 180.0, hang_timeout_s: float = 15.0):
         self.pool_size = pool_size
+        self.hang_timeout_s = hang_timeout_s
         self._dir = tempfile.mkdtemp(prefix="remp-")
         os.chmod(self._dir, 0o700)
         self._ctx = zmq.Context()
         self._results = self._ctx.socket(zmq.PULL)
-        result_addr = f"ipc://{self._dir}/results"
-        self._results.bind(result_addr)
-        self._cmds = []
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        # A file store in the private directory: a TCP store would listen on every interface.
-        dist_init = f"file://{self._dir}/store"
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-        self.procs: list[subprocess.Popen] = []
-        for rank in range(pool_size):
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            addr = f"ipc://{self._dir}/cmd{rank}"
-            sock.bind(addr)
-            self._cmds.append(sock)
-            worker_device = f"cuda:{rank}" if device == "cuda" else device
-            spec = dict(rank=rank, pool_size=pool_size, dist_init=dist_init, backend=backend, cmd_addr=addr,
-                        result_addr=result_addr, model_path=model_path, dtype=dtype, device=worker_device)
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "remp.worker.worker", json.dumps(spec)], env=env))
+        self._result_addr = f"ipc://{self._dir}/results"
+        self._results.bind(self._result_addr)
+        self._beats = self._ctx.socket(zmq.PULL)
+        self._beat_addr = f"ipc://{self._dir}/beats"
+        self._beats.bind(self._beat_addr)
+        self._backend = "nccl" if device.startswith("cuda") else "gloo"
+        self._model_path, self._dtype, self._device = model_path, dtype, device
+        self._generation = itertools.count()
+        self._dist_init = self._new_store()
+        self.procs: list[subprocess.Popen] = [None] * pool_size
+        self._cmds: list[zmq.Socket] = [None] * pool_size
+        self._last_beat = [0.0] * pool_size
+        self._hung: set[int] = set()
+        self._lost: set[int] = set()  # killed, awaiting `replace`: waits no longer watch them
+        self._beating: set[int] = set()  # ranks past start-up (their silence means a hang)
         self.topology: Topology | None = None
         self.in_flight: deque[int] = deque()
         self._early: dict[int, StepResult] = {}
         self._replies: dict[tuple[str, int], WorkerReply] = {}
         try:
+            for rank in range(pool_size):
+                self._spawn(rank, os.environ)
             self._wait_replies("ready", range(pool_size), start_timeout_s)
         except BaseException:
             self.shutdown()
             raise
+
+    def _new_store(self) -> str:
+        """A fresh rendezvous for a (re-)formed world: a file store in the private directory (a TCP
+        store would listen on every interface)."""
+        return f"file://{self._dir}/store{next(self._generation)}"
+
+    def _spawn(self, rank: int, env: dict[str, str]) -> None:
+        """Start the process for `rank` with its own command socket (a new address per process,
+        so nothing queued for a lost one reaches its replacement)."""
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        addr = f"ipc://{self._dir}/cmd{rank}-{next(self._generation)}"
+        sock.bind(addr)
+        if self._cmds[rank] is not None:
+            self._cmds[rank].close(linger=0)
+        self._cmds[rank] = sock
+        device = f"cuda:{rank}" if self._device == "cuda" else self._device
+        spec = dict(rank=rank, pool_size=self.pool_size, dist_init=self._dist_init, backend=self._backend,
+                    cmd_addr=addr, result_addr=self._result_addr, beat_addr=self._beat_addr,
+                    model_path=self._model_path, dtype=self._dtype, device=device)
+        env = {**env, "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo")}
+        self._last_beat[rank] = time.monotonic()
+        self._beating.discard(rank)
+        self.procs[rank] = subprocess.Popen([sys.executable, "-m", "remp.worker.worker", json.dumps(spec)], env=env)
 
     def _poll(self, timeout_ms: int):
         """The next message if one arrives within `timeout_ms`, else None; a worker's error report raises."""
@@ -73,19 +106,42 @@ class LocalExecutor:
             return None
         msg = decode(self._results.recv())
         if isinstance(msg, WorkerReply) and msg.kind == "error":
-            raise WorkerError(f"worker {msg.rank} failed: {msg.message}")
+            raise WorkerReportedError(f"worker {msg.rank} failed: {msg.message}")
         return msg
 
     def _recv(self, timeout_s: float):
-        """Next message from any worker; raises WorkerError if a worker dies or time runs out."""
+        """Next message from any worker; raises WorkerError if a worker dies or hangs, or time runs out."""
         deadline = time.monotonic() + timeout_s
+        waiting_since = time.monotonic()
         while (msg := self._poll(100)) is None:
-            dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs) if p.poll() is not None]
-            if dead:
-                raise WorkerError(f"worker process exited: {', '.join(dead)}")
+            self.check_workers(waiting_since)
             if time.monotonic() > deadline:
                 raise WorkerError(f"no answer from the workers within {timeout_s:.0f} s")
         return msg
+
+    def check_workers(self, waiting_since: float) -> None:
+        """Raise WorkerError naming every rank that exited, or that has sent no heartbeat for
+        hang_timeout_s of a wait that began at `waiting_since` (beats queued while nobody waited
+        do not count against a worker; one still starting up is the start timeout's business)."""
+        while self._beats.poll(0):
+            beat = decode(self._beats.recv())
+            self._last_beat[beat.rank] = max(self._last_beat[beat.rank], beat.info["t"])
+            self._beating.add(beat.rank)
+        dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs)
+                if r not in self._lost and p.poll() is not None]
+        if dead:
+            raise WorkerError(f"worker process exited: {', '.join(dead)}")
+        now = time.monotonic()
+        silent = [r for r in self._beating - self._lost
+                  if now - max(self._last_beat[r], waiting_since) > self.hang_timeout_s]
+        if silent:
+            self._hung.update(silent)
+            raise WorkerError(f"worker rank {', '.join(map(str, silent))} sent no heartbeat for "
+                              f"{self.hang_timeout_s:.0f} s (hung)")
+
+    def failed_ranks(self) -> list[int]:
+        """Ranks whose process exited or was found hung: the ones `replace` restarts."""
+        return sorted({r for r, p in enumerate(self.procs) if p.poll() is not None} | self._hung)
 
     def _take(self, msg) -> None:
         """File a message that is not the one being waited for."""
@@ -94,10 +150,12 @@ class LocalExecutor:
         else:
             self._replies[(msg.kind, msg.rank)] = msg
 
-    def has_replies(self, kind: str, ranks: Iterable[int]) -> bool:
-        """True once every rank in `ranks` has answered `kind`; never blocks."""
+    def has_replies(self, kind: str, ranks: Iterable[int], waiting_since: float) -> bool:
+        """True once every rank in `ranks` has answered `kind`; never blocks, but raises
+        WorkerError for a worker that died or hung since `waiting_since`."""
         while (msg := self._poll(0)) is not None:
             self._take(msg)
+        self.check_workers(waiting_since)
         return all((kind, r) in self._replies for r in ranks)
 
     def _wait_replies(self, kind: str, ranks: Iterable[int], timeout_s: float) -> dict[int, WorkerReply]:
@@ -146,6 +204,41 @@ class LocalExecutor:
         self.wait_prepared(timeout_s)
         self.commit(topo, threads, timeout_s)
 
+    def kill(self, ranks: list[int]) -> None:
+        """Make sure the processes of `ranks` (dead or hung) are gone — which also breaks any
+        survivor's pending exchange with them — and stop watching them until `replace`."""
+        for rank in ranks:
+            if self.procs[rank].poll() is None:
+                self.procs[rank].kill()
+            self.procs[rank].wait(timeout=10)
+            self._lost.add(rank)
+
+    def replace(self, timeout_s: float = 300.0) -> list[int]:
+        """Have every survivor leave the broken world group and meet, in a new one, a fresh process
+        for each rank lost to `kill`; returns those ranks. The survivors keep their layout, shards
+        and KV but no groups: `load` the layout again to rebuild them. Steps still in flight are
+        forgotten; the caller has booked or dropped them."""
+        ranks = sorted(self._lost)
+        self._hung.clear()
+        self.in_flight.clear()
+        self._dist_init = self._new_store()
+        survivors = [r for r in range(self.pool_size) if r not in ranks]
+        self._broadcast(ReformCommand(self._dist_init), survivors)
+        env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}  # a replacement runs clean
+        for rank in ranks:
+            self._spawn(rank, env)
+        deadline = time.monotonic() + timeout_s
+        while not all(("reformed", r) in self._replies for r in survivors) or \
+                not all(("ready", r) in self._replies for r in ranks):
+            try:
+                self._take(self._recv(max(0.0, deadline - time.monotonic())))
+            except WorkerReportedError:  # a survivor's report of the step or switch the loss broke
+                pass
+        self._lost.clear()
+        self._replies.clear()
+        self._early.clear()
+        return ranks
+
     def kv_digests(self, blocks: list[int], timeout_s: float = 60.0) -> dict[int, dict[str, str]]:
         """Per rank, sha1 of each (layer, KV head, block) slice it holds."""
         self._broadcast(DigestCommand(blocks))
@@ -167,20 +260,23 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         data = encode(ShutdownCommand())
-        for proc, sock in zip(self.procs, self._cmds):
+        live = [(p, c) for p, c in zip(self.procs, self._cmds) if p is not None]
+        for proc, sock in live:
             if proc.poll() is None:
                 try:
                     sock.send(data, zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-        for proc in self.procs:
+        for proc, _ in live:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
         for sock in self._cmds:
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
         self._results.close(linger=0)
+        self._beats.close(linger=0)
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+# Test hook read by the workers (see remp.worker.worker.inject_fault); never set in production.
+FAULT_ENV = "REMP_FAULT_INJECT"
+
 
 @dataclass
 class SeqWork:
@@ -73,6 +76,14 @@ class DigestCommand:
 
 
 @dataclass
+class ReformCommand:
+    """A worker was lost: leave the broken world group and join a new one at `dist_init`, where
+    a fresh process takes the lost rank. Groups are rebuilt by the next Prepare."""
+
+    dist_init: str
+
+
+@dataclass
 class ShutdownCommand:
     pass
 
@@ -91,13 +102,14 @@ class WorkerReply:
     """Acknowledgement (ok) or failure report of one worker for one command."""
 
     rank: int
-    kind: str  # "ready" | "prepared" | "migrated" | "committed" | "aborted" | "digest" | "error"
+    kind: str  # "ready" | "prepared" | "migrated" | "committed" | "aborted" | "reformed" | "digest" | "error"
+    #            | "heartbeat" (on its own socket, info {"t": time.monotonic()})
     message: str = ""
     info: dict = field(default_factory=dict)
 
 
 _TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, MigrateCommand, CommitCommand, AbortCommand,
-                                        DigestCommand, ShutdownCommand, StepResult, WorkerReply)}
+                                        DigestCommand, ReformCommand, ShutdownCommand, StepResult, WorkerReply)}
 
 
 def encode(msg) -> bytes:

@@ -9,13 +9,21 @@ layout to all of them.
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch.distributed as dist
 
 from remp.topology import Topology
 
 
+# How long a collective or a rendezvous may wait for a peer. A dead peer breaks its connections
+# at once; this bounds the rare wait that cannot see that (a peer lost while groups are built).
+DIST_TIMEOUT = timedelta(seconds=60)
+
+
 def init_world(rank: int, world_size: int, init_method: str, backend: str) -> None:
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=DIST_TIMEOUT)
 
 
 class Groups:

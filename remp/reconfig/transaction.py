@@ -10,7 +10,9 @@ commit   workers switch to the target atomically; block tables are renumbered if
          shrank; stepping resumes
 
 Any error before commit aborts: the prepared state is dropped and the old layout, whose
-shards, KV and groups were never touched, keeps serving. Requests never leave the
+shards, KV and groups were never touched, keeps serving. If the error is a worker that died
+or hung, it is replaced first (`LLMEngine.recover`): the survivors re-form the world with a
+fresh process in its rank and the old layout is rebuilt around it. Requests never leave the
 scheduler, so none is lost or duplicated.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from remp.engine.outputs import RequestOutput
+from remp.executor.local import WorkerError
 from remp.kv.blocks import BlockManager
 from remp.kv.migration import bytes_moved, plan_kv_migration
 from remp.topology import Topology
@@ -45,6 +48,7 @@ class ReconfigResult:
     live_kv_blocks: int = 0
     num_kv_blocks: dict[str, int] = field(default_factory=dict)  # before / after
     preempted_request_ids: list[str] = field(default_factory=list)
+    replaced_ranks: list[int] = field(default_factory=list)  # workers lost during the switch and restarted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +78,7 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     executor = engine.executor
     try:
         executor.prepare(target, num_blocks, engine.config.block_size)
-        while not executor.has_replies("prepared", range(executor.pool_size)):
+        while not executor.has_replies("prepared", range(executor.pool_size), t_plan):
             if engine.has_unfinished():
                 on_outputs(engine.step())
             else:
@@ -102,9 +106,9 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         t_migrated = time.perf_counter()
         result.timings_s["migrate"] = t_migrated - t_paused
     except Exception as exc:
-        executor.abort(timeout_s)
         result.outcome = "rolled_back"
         result.reason = f"{type(exc).__name__}: {exc}"
+        _roll_back(engine, on_outputs, result, timeout_s)
         result.timings_s["total"] = time.perf_counter() - t0
         return result
     executor.commit(target, engine.threads_for(target), timeout_s)
@@ -117,6 +121,25 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     result.timings_s["pause"] = t_end - t_paused
     result.timings_s["total"] = t_end - t0
     return result
+
+
+def _roll_back(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], result: ReconfigResult,
+               timeout_s: float) -> None:
+    """Drop the prepared layout on every worker; when one is dead or hung, replace it instead
+    (which drops the prepared layout too) and say so in `result`."""
+    executor = engine.executor
+    if not executor.failed_ranks():
+        try:
+            executor.abort(timeout_s)
+            return
+        except WorkerError:
+            if not executor.failed_ranks():
+                raise
+    recovery = engine.recover(on_outputs)
+    result.replaced_ranks = recovery.replaced_ranks
+    result.preempted_request_ids += recovery.preempted_request_ids
+    result.reason = (f"lost a worker: {recovery.cause}; replaced rank {', '.join(map(str, recovery.replaced_ranks))} "
+                     f"and kept the old layout (first error: {result.reason})")
 
 
 def _renumber(live: list[int], num_blocks: int) -> dict[int, int]:

@@ -30,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remp import __version__
 from remp.engine.outputs import RequestOutput
+from remp.policy.autoscaler import AutoReconfigurer
+from remp.policy.policy import Policy
 from remp.reconfig.transaction import ReconfigInProgress
 from remp.server.metrics import ServerMetrics
 from remp.topology import Topology
@@ -72,11 +74,29 @@ class APIError(Exception):
         return _json(ErrorResponse(error=self.info), self.status)
 
 
-def build_app(engine, api_key: str | None = None) -> FastAPI:
+def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
+              policy_interval_s: float = 5.0) -> FastAPI:
     """The FastAPI app serving `engine` (an AsyncEngine). With `api_key`, every /v1 route
-    requires `Authorization: Bearer <api_key>`."""
-    app = FastAPI(title="remp", version=__version__)
+    requires `Authorization: Bearer <api_key>`. With `policy`, the layout follows the load
+    (`remp serve --auto-reconfigure`): the policy decides every `policy_interval_s`."""
     metrics = ServerMetrics(engine, engine.served_model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if policy is None:
+            yield
+            return
+        scaler = AutoReconfigurer(engine, policy, policy_interval_s, metrics.record_decision,
+                                  metrics.record_reconfiguration)
+        task = asyncio.create_task(scaler.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(title="remp", version=__version__, lifespan=lifespan)
     server = _OpenAIServer(engine, metrics)
     if api_key:
         app.add_middleware(_RequireAPIKey, api_key=api_key)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from remp.engine.outputs import RequestOutput
+from remp.policy.policy import Decision
 from remp.reconfig.transaction import ReconfigResult
 
 # vLLM's buckets, so dashboards built for vLLM read remp unchanged.
@@ -50,6 +51,10 @@ class ServerMetrics:
         self.reconfiguration_phases = Histogram("remp:reconfiguration_phase_seconds",
                                                 "Duration of each phase of a layout switch.", labels + ["phase"],
                                                 buckets=SWITCH_BUCKETS, registry=reg)
+        self.policy_decisions = Counter("remp:policy_decisions", "Auto-reconfigure decisions by the layout "
+                                        "chosen ('stay' or a target).", labels + ["decision"], registry=reg)
+        self.policy_last = Info("remp:policy_last_decision", "The latest auto-reconfigure decision and its reason.",
+                                labels, registry=reg)
         reg.register(_EngineCollector(engine, model_name))
 
     def record(self, prompt_tokens: int, last: RequestOutput | None, finish_reason: str) -> None:
@@ -75,6 +80,11 @@ class ServerMetrics:
         self.reconfigurations.labels(self._model, result.outcome).inc()
         for phase, seconds in result.timings_s.items():
             self.reconfiguration_phases.labels(self._model, phase).observe(seconds)
+
+    def record_decision(self, current: str, decision: Decision) -> None:
+        self.policy_decisions.labels(self._model, decision.target or "stay").inc()
+        self.policy_last.labels(self._model).info({"current": current, "target": decision.target or current,
+                                                   "reason": decision.reason})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -105,6 +115,8 @@ class _EngineCollector(Collector):
         counters = {
             "remp:num_preemptions": ("Requests preempted (KV recomputed).", stats.num_preemptions),
             "remp:engine_steps": ("Engine steps completed.", stats.step_count),
+            "remp:worker_replacements": ("Worker processes that died or hung and were replaced.",
+                                         stats.num_worker_replacements),
             "remp:step_seconds": ("Wall time from submitting a step to its tokens, summed.", stats.step_wall_s),
             "remp:control_plane_seconds": ("Time spent building, sending and parsing step commands "
                                            "(engine and worker sides), summed.", stats.control_plane_s),

@@ -10,9 +10,12 @@ and sends the tokens back to the engine.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -25,11 +28,27 @@ import zmq
 from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
 from remp.executor.messages import (AbortCommand, CommitCommand, DigestCommand, MigrateCommand, PrepareCommand,
-                                    SeqWork, ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
+                                    FAULT_ENV, ReformCommand, SeqWork, ShutdownCommand, StepCommand, StepResult,
+                                    WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
 from remp.model.llama import Batch, StageModel
 from remp.parallel.groups import Groups, init_world
+
+HEARTBEAT_INTERVAL_S = 0.5
+
+
+def inject_fault(phase: str, rank: int) -> None:
+    """Fault injection for the fault-tolerance tests: REMP_FAULT_INJECT="PHASE:RANK:kill|hang"
+    makes that rank SIGKILL or SIGSTOP itself when it reaches PHASE of a live switch ("prepare":
+    while building the target shard, not at the first load; "migrate": before exchanging KV).
+    The engine never passes it to a replacement."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    when, who, action = spec.split(":")
+    if when == phase and int(who) == rank:
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
 from remp.topology import Topology
 from remp.weights.store import WeightStore
 
@@ -48,6 +67,7 @@ class Worker:
         self.kv: KVCache | None = None
         self.target: tuple[Topology, StageModel, KVCache] | None = None  # prepared, not yet committed
         self._pending_sends: list[dist.Work] = []
+        self.loaded = False  # a first layout (or standby) has been committed
 
     def prepare(self, cmd: PrepareCommand) -> Callable[[], dict]:
         """Create the target's groups now — collective, so on the command thread, in command
@@ -59,6 +79,8 @@ class Worker:
         return lambda: self._build_target(cmd, topo, group)
 
     def _build_target(self, cmd: PrepareCommand, topo: Topology, group: dist.ProcessGroup | None) -> dict:
+        if self.loaded:
+            inject_fault("prepare", self.rank)
         if topo.coords(self.rank) is None:
             return {"standby": True, "weight_bytes": 0}
         old = self.model
@@ -75,6 +97,7 @@ class Worker:
     def migrate(self, cmd: MigrateCommand) -> dict:
         """Send the slices this rank holds to their new owners and receive its own: one buffer
         per peer each way, posted together (batch_isend_irecv) so no pair can deadlock."""
+        inject_fault("migrate", self.rank)
         new_kv = self.target[2] if self.target else None
         src_idx = torch.tensor(cmd.src_blocks, device=self.device)
         dst_idx = torch.tensor(cmd.dst_blocks, device=self.device)
@@ -97,8 +120,7 @@ class Worker:
         outgoing = {dst: torch.cat(parts) for dst, parts in sends.items()}
         ops = [dist.P2POp(dist.irecv, buf, src) for src, buf in buffers.items()]
         ops += [dist.P2POp(dist.isend, buf, dst) for dst, buf in outgoing.items()]
-        for work in dist.batch_isend_irecv(ops) if ops else []:
-            work.wait()
+        _wait_all(dist.batch_isend_irecv(ops) if ops else [])
         for src, ts in recvs.items():
             offset = 0
             for t in ts:
@@ -111,6 +133,7 @@ class Worker:
     def commit(self, cmd: CommitCommand) -> dict:
         torch.set_num_threads(cmd.threads)
         self._pending_sends.clear()
+        self.loaded = True
         if self.target is None:
             self.topo, self.model, self.kv = None, None, None
             return {"standby": True}
@@ -120,6 +143,16 @@ class Worker:
 
     def abort(self) -> dict:
         self.target = None
+        return {}
+
+    def reform(self, cmd: ReformCommand, rank: int, pool_size: int, backend: str) -> dict:
+        """Leave the world group a lost peer broke and join the new one. The layout, shard and KV
+        stay (the next Prepare of the same layout reuses them); every group is rebuilt."""
+        self.target = None
+        self._pending_sends.clear()
+        dist.destroy_process_group()
+        init_world(rank, pool_size, cmd.dist_init, backend)
+        self.groups = Groups(rank)
         return {}
 
     def control(self, msg: MigrateCommand | CommitCommand | AbortCommand | DigestCommand) -> tuple[str, dict]:
@@ -178,6 +211,20 @@ class Worker:
         return torch.cat(parts, dim=-1) if parts is not None else None
 
 
+def _wait_all(works: list[dist.Work]) -> None:
+    """Wait for every exchange before raising the first failure: a peer that died fails only the
+    exchanges with it, and the live peers still get what this rank sends them — otherwise they
+    would sit in their receives until the collective timeout instead of failing fast too."""
+    errors = []
+    for work in works:
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
     tokens, logprobs = [], []
     for row, s in zip(logits, seqs):
@@ -195,15 +242,32 @@ def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
     return tokens, logprobs
 
 
+def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) -> None:
+    """Beat on a socket of its own while the process runs: a worker blocked in a collective keeps
+    beating, one that is stopped or wedged does not, which is how the engine tells them apart."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 2)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    while not stop.wait(HEARTBEAT_INTERVAL_S):
+        try:
+            sock.send(encode(WorkerReply(rank=rank, kind="heartbeat", info={"t": time.monotonic()})), zmq.NOBLOCK)
+        except zmq.Again:  # nobody is draining beats right now; a fresh one follows
+            pass
+    sock.close()
+
+
 def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_addr: str, result_addr: str,
-                model_path: str, dtype: str, device: str) -> None:
+                beat_addr: str, model_path: str, dtype: str, device: str) -> None:
     """Process entry point (dtype is a torch attribute name such as 'float32').
 
-    Runs until a ShutdownCommand, or until its parent (the engine) is gone. A failed step is
-    fatal (reported, then the process exits); a failed reconfiguration command is reported and
-    the prepared state dropped, so the engine can roll back while this rank keeps its layout.
+    Runs until a ShutdownCommand, or until its parent (the engine) is gone. A failed command —
+    a step or a reconfiguration — is reported and the prepared state dropped, and the process
+    lives on: the failure may be a lost peer, after which the engine re-forms the world (Reform)
+    and this rank serves again; start-up failures are fatal.
     """
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where is it stuck?
     parent = os.getppid()
     ctx = zmq.Context()
     cmds = ctx.socket(zmq.PULL)
@@ -215,6 +279,9 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     def reply(kind: str, info: dict | None = None, message: str = "") -> None:
         results.send(encode(WorkerReply(rank=rank, kind=kind, message=message, info=info or {})))
 
+    stop_beating = threading.Event()
+    beats = threading.Thread(target=_heartbeat, args=(ctx, beat_addr, rank, stop_beating), daemon=True)
+    beats.start()
     builder = ThreadPoolExecutor(1, thread_name_prefix="remp-prepare")
     building: Future | None = None
     try:
@@ -237,25 +304,34 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
             if isinstance(msg, ShutdownCommand):
                 break
             if isinstance(msg, StepCommand):
-                result = worker.step(msg)
+                try:
+                    result = worker.step(msg)
+                except Exception as exc:
+                    reply("error", {"traceback": traceback.format_exc()}, f"step: {type(exc).__name__}: {exc}")
+                    continue
                 if result is not None:
                     results.send(encode(result))
             elif isinstance(msg, PrepareCommand):
                 building = builder.submit(worker.prepare(msg))
             else:
-                if isinstance(msg, AbortCommand) and building is not None:
+                if isinstance(msg, (AbortCommand, ReformCommand)) and building is not None:
                     wait([building])
                     building = None
                 try:
+                    if isinstance(msg, ReformCommand):
+                        reply("reformed", worker.reform(msg, rank, pool_size, backend))
+                        continue
                     reply(*worker.control(msg))
                 except Exception as exc:
                     worker.abort()
                     reply("error", {"traceback": traceback.format_exc()},
                           f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
-    except Exception as exc:  # a failed step or start-up: report, then die
+    except Exception as exc:  # a failed start-up: report, then die
         reply("error", {"traceback": traceback.format_exc()}, f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        stop_beating.set()
+        beats.join()
         builder.shutdown(wait=True)
         if dist.is_initialized():
             dist.destroy_process_group()
