@@ -37,7 +37,7 @@ from remp.bench.serve import (COMPLETIONS, REQUEST_TIMEOUT_S, BenchConfig, Reque
 from remp.bench.server_process import ServerProcess, free_port
 from remp.config import ModelConfig
 from remp.reconfig.tour import switch_tour
-from remp.topology import Topology, TopologyError
+from remp.topology import Topology, TopologyError, valid_layouts
 
 SEED = 0
 NUM_PROMPTS = 64  # distinct prompts the background load cycles through
@@ -119,17 +119,6 @@ class Bandwidth:
 
 def _name(layout: dict[str, int]) -> str:
     return str(Topology(layout["tensor_parallel_size"], layout["pipeline_parallel_size"]))
-
-
-def valid_layouts(model: ModelConfig, pool_size: int) -> list[Topology]:
-    """Every tp x pp layout `model` can run on `pool_size` workers, tp-major."""
-    layouts = []
-    for tp in range(1, pool_size + 1):
-        for pp in range(1, pool_size + 1):
-            with contextlib.suppress(TopologyError):
-                Topology(tp, pp).validate(model, pool_size)
-                layouts.append(Topology(tp, pp))
-    return layouts
 
 
 def score(switch: Switch, restart_s: float, bandwidth: float) -> PairResult:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 
@@ -58,22 +59,33 @@ class LayoutProfile:
     def kv_capacity_tokens(self) -> int:
         return self.num_kv_blocks * self.block_size
 
-    def prefill_seconds(self, num_tokens: float) -> float:
+    @cached_property
+    def _prefill_table(self) -> tuple[list[float], list[float]]:
         pts = sorted(self.prefill, key=lambda p: p.num_tokens)
-        return _interp([p.num_tokens for p in pts], [p.seconds for p in pts], num_tokens)
+        return [p.num_tokens for p in pts], [p.seconds for p in pts]
+
+    @cached_property
+    def _decode_table(self) -> list[tuple[float, list[float], list[float]]]:
+        """Per measured batch size (ascending): its contexts and seconds, sorted by context.
+        Built once: the policy and the simulator read it thousands of times per decision."""
+        rows: dict[int, list[DecodePoint]] = {}
+        for p in self.decode:
+            rows.setdefault(p.batch_size, []).append(p)
+        table = []
+        for b in sorted(rows):
+            pts = sorted(rows[b], key=lambda p: p.context_len)
+            table.append((float(b), [p.context_len for p in pts], [p.seconds for p in pts]))
+        return table
+
+    def prefill_seconds(self, num_tokens: float) -> float:
+        return _interp(*self._prefill_table, num_tokens)
 
     def decode_seconds(self, batch_size: float, context_len: float) -> float:
         """TPOT at this batch: interpolate over context within each measured batch size,
         then across batch sizes."""
-        rows: dict[int, list[DecodePoint]] = {}
-        for p in self.decode:
-            rows.setdefault(p.batch_size, []).append(p)
-        sizes = sorted(rows)
-        per_size = []
-        for b in sizes:
-            pts = sorted(rows[b], key=lambda p: p.context_len)
-            per_size.append(_interp([p.context_len for p in pts], [p.seconds for p in pts], context_len))
-        return _interp([float(b) for b in sizes], per_size, batch_size)
+        sizes = [b for b, _, _ in self._decode_table]
+        per_size = [_interp(xs, ys, context_len) for _, xs, ys in self._decode_table]
+        return _interp(sizes, per_size, batch_size)
 
 
 @dataclass
