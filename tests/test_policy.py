@@ -58,7 +58,7 @@ def test_tracker_window_rates_and_lengths():
     stats = tracker.stats(10.0)
     assert stats.arrival_rate == pytest.approx(2.0)
     assert (stats.mean_input_len, stats.mean_output_len) == (100, 50)  # no finish yet: the hints
-    tracker.on_finish(10.0, input_len=100, output_len=30)
+    tracker.on_finish(10.0, output_len=30)
     tracker.observe(10.0, running=4, waiting=2, kv_usage=0.5)
     tracker.observe(11.0, running=6, waiting=1, kv_usage=0.25)
     stats = tracker.stats(11.0)

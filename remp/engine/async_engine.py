@@ -93,7 +93,7 @@ class AsyncEngine:
                 yield out
                 if out.finished:
                     finished = True
-                    self.load.on_finish(time.monotonic(), len(prompt_token_ids), len(out.token_ids))
+                    self.load.on_finish(time.monotonic(), len(out.token_ids))
                     return
         finally:
             self._streams.pop(request_id, None)

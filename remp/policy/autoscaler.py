@@ -49,7 +49,7 @@ class AutoReconfigurer:
         self.engine.load.observe(now, stats.num_running, stats.num_waiting, stats.kv_usage)
         current = str(self.engine.topology)
         decision = self.policy.decide(self.engine.load.stats(now), current, now)
-        log.info("policy at %s: %s -> %s: %s", current, current, decision.target or "stay", decision.reason)
+        log.info("policy at %s -> %s: %s", current, decision.target or "stay", decision.reason)
         self.on_decision(current, decision)
         if decision.target is None:
             return None

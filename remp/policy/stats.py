@@ -72,9 +72,9 @@ class LoadTracker:
         self._arrivals.append(self._last_arrival)
         self._prune(t)
 
-    def on_finish(self, t: float, input_len: int, output_len: int) -> None:
-        """A request finished after generating `output_len` tokens."""
-        del input_len  # part of the event for symmetry; arrivals already carry prompt lengths
+    def on_finish(self, t: float, output_len: int) -> None:
+        """A request finished after generating `output_len` tokens (its prompt length came with
+        its arrival)."""
         self._last_finish = _Finish(t, output_len)
         self._finishes.append(self._last_finish)
         self._prune(t)

@@ -230,7 +230,7 @@ class Simulator:
         record.success = True
         record.latency = req.last_token_s - req.item.arrival_s
         record.output_tokens = req.generated
-        self.tracker.on_finish(req.last_token_s, req.item.input_len, req.generated)
+        self.tracker.on_finish(req.last_token_s, req.generated)
 
     def _next_event(self, arrivals: deque[_Request]) -> float:
         """When something can next happen while the engine has nothing to run."""
