@@ -55,14 +55,11 @@ def run_batch(engine: LLMEngine, tag: str, switch_to: Topology | None = None):
     return [done[f"{tag}-{i}"].token_ids for i in range(len(PROMPTS))], result
 
 
-# Not covered: a serving rank SIGSTOPped during prepare. In about half the runs the survivors'
-# heartbeats stop too while their command threads wait in group creation for the stopped rank (the
-# wait holds the GIL), so the engine replaces the survivors instead of the stopped rank and the
-# re-formation then waits on it: see the closing note of 2026-11-23.
 @pytest.mark.parametrize("phase,rank,action,loses_kv", [
     ("prepare", 3, "kill", False),  # a standby joining the target dies: the live KV is untouched
     ("migrate", 1, "kill", True),  # a serving rank dies mid-migration: its KV is gone, requests recompute
     ("migrate", 2, "hang", False),  # a joining rank stops while KV is on its way to it
+    ("prepare", 1, "hang", True),  # a serving rank stops early, maybe before any heartbeat of it was read
 ])
 def test_lost_worker_mid_switch_rolls_back_and_is_replaced(tiny_gqa, reference, monkeypatch, phase, rank, action,
                                                            loses_kv):

@@ -63,7 +63,7 @@ class LocalExecutor:
         self._last_beat = [0.0] * pool_size
         self._hung: set[int] = set()
         self._lost: set[int] = set()  # killed, awaiting `replace`: waits no longer watch them
-        self._beating: set[int] = set()  # ranks past start-up (their silence means a hang)
+        self._beating: set[int] = set()  # ranks past start-up: their silence means a hang
         self.topology: Topology | None = None
         self.in_flight: deque[int] = deque()
         self._early: dict[int, StepResult] = {}
@@ -144,11 +144,16 @@ class LocalExecutor:
         return sorted({r for r, p in enumerate(self.procs) if p.poll() is not None} | self._hung)
 
     def _take(self, msg) -> None:
-        """File a message that is not the one being waited for."""
+        """File a message that is not the one being waited for. A rank that says it is ready (or
+        re-formed) is past start-up: from now on its silence counts, whether or not a heartbeat of
+        it has arrived yet (one stopped right after start-up may never send any)."""
         if isinstance(msg, StepResult):
             self._early[msg.step_id] = msg
-        else:
-            self._replies[(msg.kind, msg.rank)] = msg
+            return
+        self._replies[(msg.kind, msg.rank)] = msg
+        if msg.kind in ("ready", "reformed"):
+            self._last_beat[msg.rank] = max(self._last_beat[msg.rank], time.monotonic())
+            self._beating.add(msg.rank)
 
     def has_replies(self, kind: str, ranks: Iterable[int], waiting_since: float) -> bool:
         """True once every rank in `ranks` has answered `kind`; never blocks, but raises

@@ -249,11 +249,13 @@ def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) ->
     sock.setsockopt(zmq.SNDHWM, 2)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
-    while not stop.wait(HEARTBEAT_INTERVAL_S):
+    while True:
         try:
             sock.send(encode(WorkerReply(rank=rank, kind="heartbeat", info={"t": time.monotonic()})), zmq.NOBLOCK)
         except zmq.Again:  # nobody is draining beats right now; a fresh one follows
             pass
+        if stop.wait(HEARTBEAT_INTERVAL_S):
+            break
     sock.close()
 
 
