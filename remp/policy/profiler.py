@@ -43,8 +43,8 @@ from remp.topology import Topology, TopologyError, valid_layouts
 DEFAULT_BATCH_SIZES = (1, 4, 16, 32)
 DEFAULT_CONTEXT_LENS = (64, 256)
 DEFAULT_PREFILL_TOKENS = (64, 256, 1024)
-REPEATS = 3  # each point is the median of this many timings
-DECODE_TOKENS = 2  # tokens every sequence gains in one timed decode repeat
+REPEATS = 5  # each point is the median of this many timings (3 left the tiny model 40% off between runs)
+DECODE_TOKENS = 4  # tokens every sequence gains in one timed decode repeat
 SEED = 0
 LOAD_REQUESTS = 2  # requests mid-generation during each switch
 LOAD_PROMPT_LEN = 32
