@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(run=_profile)
 
     # The benchmark's own parser is built only when it runs: its imports take seconds.
-    bench = commands.add_parser("bench", help="benchmarks: `remp bench {serve,layouts,switch,adaptive} --help`")
-    bench.add_argument("benchmark", choices=["serve", "layouts", "switch", "adaptive"],
+    bench = commands.add_parser("bench", help="benchmarks: `remp bench {serve,layouts,switch,adaptive,peer} --help`")
+    bench.add_argument("benchmark", choices=["serve", "layouts", "switch", "adaptive", "peer"],
                        help="serve: load-test a running OpenAI-compatible server; layouts: throughput of "
                        "each fixed layout vs transformers; switch: every live layout switch vs a restart")
     bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

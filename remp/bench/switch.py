@@ -34,10 +34,10 @@ import numpy as np
 
 from remp.bench.serve import (COMPLETIONS, REQUEST_TIMEOUT_S, BenchConfig, RequestRecord, build_payload,
                               load_tokenizer, sample_random_requests, send_request)
-from remp.bench.server_process import ServerProcess, free_port
+from remp.bench.server_process import ServerProcess, free_port, launch_to_first_token
 from remp.config import ModelConfig
 from remp.reconfig.tour import switch_tour
-from remp.topology import Topology, TopologyError, valid_layouts
+from remp.topology import Topology, valid_layouts
 
 SEED = 0
 NUM_PROMPTS = 64  # distinct prompts the background load cycles through
@@ -190,23 +190,12 @@ async def switch_under_load(base_url: str, headers: dict[str, str], tour: list[T
     return switches, stats
 
 
-async def _first_token_s(base_url: str, headers: dict[str, str], payload: dict[str, Any]) -> float:
-    async with aiohttp.ClientSession(headers=headers) as session:
-        record = await send_request(session, base_url + COMPLETIONS, COMPLETIONS, payload, len(payload["prompt"]))
-    if not record.success:
-        raise RuntimeError(f"first request after restart failed: {record.error}")
-    return record.ttft
-
-
 def restart_s(model: str, layout: Topology, server_args: list[str], headers: dict[str, str],
               payload: dict[str, Any], log_path: str) -> float:
     """Launch to first streamed token of a fresh server in `layout`: the cost a restart makes a user pay."""
     server = ServerProcess(model, [*server_args, "-tp", str(layout.tp), "-pp", str(layout.pp)], log_path)
-    t0 = time.perf_counter()
     try:
-        server.start()
-        asyncio.run(_first_token_s(server.base_url, headers, {**payload, "max_tokens": 1}))
-        return time.perf_counter() - t0
+        return launch_to_first_token(server, payload, headers)
     finally:
         server.stop()
 
