@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks: `remp bench {serve,layouts,switch,adaptive,peer} --help`")
     bench.add_argument("benchmark", choices=["serve", "layouts", "switch", "adaptive", "peer"],
                        help="serve: load-test a running OpenAI-compatible server; layouts: throughput of "
-                       "each fixed layout vs transformers; switch: every live layout switch vs a restart")
+                       "each fixed layout vs transformers; switch: every live layout switch vs a restart; "
+                       "adaptive: fixed layouts vs --auto-reconfigure; peer: remp beside the vLLM CPU build")
     bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)
 
