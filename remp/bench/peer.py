@@ -23,13 +23,15 @@ import os
 import shlex
 import statistics
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from remp.bench.serve import BenchConfig, benchmark, build_payload, load_tokenizer, sample_random_requests
 from remp.bench.server_process import ServerProcess, launch_to_first_token
+from remp.bench.switch import walk_tour
 from remp.topology import Topology
 
 VLLM_SERVER = ("-m", "vllm.entrypoints.openai.api_server", "--model")
@@ -66,18 +68,10 @@ def measure_load(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
             "median_ttft_ms": m.ttft.median_ms, "median_tpot_ms": m.tpot.median_ms}
 
 
-def live_switches(base_url: str, source: Topology, target: Topology) -> list[dict[str, Any]]:
-    """Switch to `target` and back; each reply's outcome, total and pause."""
-    out = []
-    for layout in (target, source):
-        body = {"tensor_parallel_size": layout.tp, "pipeline_parallel_size": layout.pp}
-        reply = httpx.post(f"{base_url}/v1/admin/reconfigure", json=body, timeout=600).json()
-        timings = reply.get("timings_s", {})
-        out.append({"target": str(layout), "outcome": reply.get("outcome"), "total_s": timings.get("total"),
-                    "pause_s": timings.get("pause")})
-        print(f"  remp live switch -> {layout}: {reply.get('outcome')}, {timings.get('total', 0):.2f} s "
-              f"(pause {1e3 * timings.get('pause', 0):.0f} ms)", flush=True)
-    return out
+async def live_switches(base_url: str, source: Topology, target: Topology) -> list[dict[str, Any]]:
+    """Switch to `target` and back (`remp bench switch`'s tour walker, no settling: the load is done)."""
+    async with aiohttp.ClientSession() as session:
+        return [asdict(s) for s in await walk_tour(session, base_url, [source, target, source], settle_s=0.0)]
 
 
 def run_remp(args: argparse.Namespace, payload: dict[str, Any], logs: str) -> dict[str, Any]:
@@ -88,7 +82,7 @@ def run_remp(args: argparse.Namespace, payload: dict[str, Any], logs: str) -> di
         print(f"  remp: launch to first token {restart:.1f} s", flush=True)
         load = measure_load(server.base_url, args)
         print(f"  remp: {load['output_throughput']:.1f} tok/s", flush=True)
-        switches = live_switches(server.base_url, Topology(1, 1), Topology.parse(args.switch_to))
+        switches = asyncio.run(live_switches(server.base_url, Topology(1, 1), Topology.parse(args.switch_to)))
     finally:
         server.stop()
     return {"restart_s": restart, "load": load, "switches": switches}

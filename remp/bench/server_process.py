@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-REMP_SERVE = (sys.executable, "-m", "remp.cli", "serve")
+REMP_SERVE = (sys.executable, "-m", "remp.cli", "serve", "--log-level", "warning")
 
 
 def free_port() -> int:
@@ -32,8 +32,7 @@ class ServerProcess:
                  program: Sequence[str] = REMP_SERVE, env: Mapping[str, str] | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        quiet = ["--log-level", "warning"] if tuple(program) == REMP_SERVE else []
-        self.cmd = [*program, model, "--port", str(self.port), *quiet, *args]
+        self.cmd = [*program, model, "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path or os.devnull
         self.proc: subprocess.Popen | None = None
