@@ -62,6 +62,8 @@ def test_every_switch_keeps_tokens_and_kv_bytes(engine, reference):
         result = engine.reconfigure(target, book)
         assert result.outcome == "committed", result.reason
         assert engine.topology == target
+        assert result.precopied_kv_blocks > 0, "full blocks are copied before the pause"
+        assert result.kv_bytes_in_pause <= result.kv_bytes_moved
         blocks_after = full_blocks(engine)
         after = engine.kv_digests(list(blocks_after.values()))
         assert all(len(v) == 1 for v in after.values())  # replicated heads agree
@@ -110,12 +112,26 @@ def test_smaller_target_cache_preempts_newest_and_recomputes(tiny_gqa, reference
         eng.shutdown()
 
 
-def test_pipeline_change_reuses_weights_in_place(engine, tiny_gqa):
-    """tp1pp1 -> tp1pp2: rank 0 keeps its layers' weight tensors; only rank 1's shard (layers
-    2-3, norm, LM head) is sliced from the store."""
+def test_shards_are_views_of_the_mapped_checkpoint(engine):
+    """Served in the checkpoint's dtype (float32), no switch copies a weight: every shard is a
+    view of the mapped file, whatever the layout."""
+    engine.reconfigure(Topology(1, 1), lambda outs: None)
+    for target in (Topology(1, 2), Topology(2, 2), Topology(1, 1)):
+        result = engine.reconfigure(target, lambda outs: None)
+        assert result.outcome == "committed" and result.weight_bytes_loaded == 0
+
+
+def test_pipeline_change_converts_only_the_new_stage(tiny_gqa):
+    """Served in another dtype, shards are converted copies; tp1pp1 -> tp1pp2 keeps rank 0's
+    tensors and converts only rank 1's (layers 2-3, norm, LM head)."""
     from remp.weights.store import WeightStore
 
-    engine.reconfigure(Topology(1, 1), lambda outs: None)
-    result = engine.reconfigure(Topology(1, 2), lambda outs: None)
-    stage1 = WeightStore(tiny_gqa).shard(engine.model_config, Topology(1, 2), 1, torch.float32)
-    assert result.weight_bytes_loaded == sum(w.numel() * w.element_size() for w in stage1.values())
+    eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=2, max_model_len=128, block_size=4,
+                                 dtype="bfloat16"))
+    try:
+        result = eng.reconfigure(Topology(1, 2), lambda outs: None)
+        stage1 = WeightStore(tiny_gqa).shard(eng.model_config, Topology(1, 2), 1, torch.bfloat16)
+        assert result.outcome == "committed"
+        assert result.weight_bytes_loaded == sum(w.numel() * w.element_size() for w in stage1.values())
+    finally:
+        eng.shutdown()

@@ -72,11 +72,19 @@ def test_shards_reassemble_the_checkpoint(tiny_gqa, cfg, tp, pp):
     for layer in range(cfg.num_layers):
         stage = topo.stage_of(layer, cfg.num_layers)
         ranks = topo.tp_group_ranks(stage)
-        q = torch.cat([shards[r][f"{layer}.qkv"][:len(topo.heads_of(i, cfg.num_heads)) * hd] for i, r in enumerate(ranks)])
+        q = torch.cat([shards[r][f"{layer}.q"] for r in ranks])
         assert torch.equal(q, store.full(f"model.layers.{layer}.self_attn.q_proj.weight"))
         down = torch.cat([shards[r][f"{layer}.down"] for r in ranks], dim=1)
         assert torch.equal(down, store.full(f"model.layers.{layer}.mlp.down_proj.weight"))
-        assert all(f"{layer}.qkv" not in shards[r] for r in range(topo.world_size) if r not in ranks)
+        for i, r in enumerate(ranks):  # k/v: the rank's KV heads, replicated when tp > kv heads
+            kv = topo.kv_heads_of(i, cfg.num_kv_heads)
+            k = store.full(f"model.layers.{layer}.self_attn.k_proj.weight")[kv.start * hd:kv.stop * hd]
+            assert torch.equal(shards[r][f"{layer}.k"], k)
+        assert all(f"{layer}.q" not in shards[r] for r in range(topo.world_size) if r not in ranks)
+    # Every shard tensor is a view of the mapped file (no copy), except LM-head/embedding rows
+    # padded past the vocabulary.
+    padded = {"embed", "lm_head"} if cfg.vocab_size % tp else set()
+    assert all(store.maps(w) for s in shards for k, w in s.items() if k not in padded)
     head = torch.cat([shards[topo.rank(pp - 1, t)]["lm_head"] for t in range(tp)])[:cfg.vocab_size]
     assert torch.equal(head, store.full("lm_head.weight"))
 
@@ -89,6 +97,8 @@ def test_block_manager():
         bm.allocate(2)
     bm.free(a)
     assert bm.num_free == 4 and bm.usage == 0
+    assert [bm.handouts(b) for b in range(4)] == [1, 1, 1, 0]
+    assert bm.allocate(1) == [0] and bm.handouts(0) == 2  # handed out anew: a pre-copy of it is stale
 
 
 def _seq(i: int, n: int) -> Sequence:

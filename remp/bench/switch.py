@@ -55,8 +55,9 @@ class Switch:
     reason: str | None
     pause_s: float
     total_s: float
-    kv_bytes_moved: int
-    weight_bytes_loaded: int
+    kv_bytes_moved: int  # pre-copy included
+    kv_bytes_in_pause: int
+    weight_bytes_loaded: int  # copied into target shards
     live_kv_blocks: int
     preempted: int
     timings_s: dict[str, float]  # every phase the server timed (plan, prepare, drain, migrate, commit, ...)
@@ -72,6 +73,7 @@ class Switch:
             pause_s=timings.get("pause", 0.0),
             total_s=timings.get("total", 0.0),
             kv_bytes_moved=reply["kv_bytes_moved"],
+            kv_bytes_in_pause=reply["kv_bytes_in_pause"],
             weight_bytes_loaded=reply["weight_bytes_loaded"],
             live_kv_blocks=reply["live_kv_blocks"],
             preempted=len(reply["preempted_request_ids"]),
@@ -170,7 +172,8 @@ async def walk_tour(session: aiohttp.ClientSession, base_url: str, tour: list[To
         switch = Switch.from_reply(reply)
         phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in switch.timings_s.items())
         print(f"  {switch.source} -> {switch.target}: {switch.outcome}, KV {switch.kv_bytes_moved / 2**20:.2f} MiB "
-              f"({switch.live_kv_blocks} live blocks); ms: {phases}", flush=True)
+              f"({switch.kv_bytes_in_pause / 2**20:.2f} in the pause; {switch.live_kv_blocks} live blocks); "
+              f"ms: {phases}", flush=True)
         switches.append(switch)
     return switches
 
@@ -249,15 +252,16 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def format_table(rows: list[PairResult]) -> str:
-    header = ("| source | target | outcome | pause ms | total ms | KV MiB moved | weights MiB sliced | "
-              "restart s | speedup | floor ms | pause/floor |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| source | target | outcome | pause ms | total ms | KV MiB moved | of it in pause | "
+              "weights MiB copied | restart s | speedup | floor ms | pause/floor |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r.source} | {r.target} | {r.outcome} | {r.pause_s * 1e3:.1f} | {r.total_s * 1e3:.1f} | "
-            f"{r.kv_bytes_moved / 2**20:.2f} | {r.weight_bytes_loaded / 2**20:.1f} | {r.restart_s:.1f} | "
+            f"{r.kv_bytes_moved / 2**20:.2f} | {r.kv_bytes_in_pause / 2**20:.2f} | "
+            f"{r.weight_bytes_loaded / 2**20:.1f} | {r.restart_s:.1f} | "
             f"{_fmt(r.speedup, '.1f', 'x')} | {_fmt(None if r.floor_s is None else r.floor_s * 1e3, '.2f')} | "
-            f"{_fmt(r.pause_over_floor, '.0f', 'x')} |")
+            f"{_fmt(r.pause_over_floor, '.1f', 'x')} |")
     return "\n".join(lines)
 
 
@@ -268,7 +272,7 @@ def summary_line(rows: list[PairResult], load: LoadStats) -> str:
     return (f"{committed}/{len(rows)} switches committed; speedup vs restart: median "
             f"{_fmt(statistics.median(speedups) if speedups else None, '.1f', 'x')}, worst "
             f"{_fmt(min(speedups) if speedups else None, '.1f', 'x')}; pause/floor median "
-            f"{_fmt(statistics.median(ratios) if ratios else None, '.0f', 'x')}; "
+            f"{_fmt(statistics.median(ratios) if ratios else None, '.1f', 'x')}; "
             f"requests lost {load.lost}/{load.issued}")
 
 

@@ -68,6 +68,7 @@ class LocalExecutor:
         self.in_flight: deque[int] = deque()
         self._early: dict[int, StepResult] = {}
         self._replies: dict[tuple[str, int], WorkerReply] = {}
+        self._switch_id = 0  # of the switch under way; replies of older (or abandoned) ones are dropped
         try:
             for rank in range(pool_size):
                 self._spawn(rank, os.environ)
@@ -105,6 +106,8 @@ class LocalExecutor:
         if not self._results.poll(timeout_ms):
             return None
         msg = decode(self._results.recv())
+        if isinstance(msg, WorkerReply) and msg.info.get("switch", self._switch_id) != self._switch_id:
+            return None  # from a switch given up: its replies may trail the "aborted" ones
         if isinstance(msg, WorkerReply) and msg.kind == "error":
             raise WorkerReportedError(f"worker {msg.rank} failed: {msg.message}")
         return msg
@@ -178,10 +181,19 @@ class LocalExecutor:
     # layout changes: prepare (while serving) -> migrate -> commit, or abort
     def prepare(self, topo: Topology, num_blocks: int, block_size: int) -> None:
         """Ask every pool worker to get ready for `topo`; answers arrive while steps go on."""
-        self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size))
+        self._switch_id += 1
+        self._replies = {key: msg for key, msg in self._replies.items() if key[0] not in ("prepared", "precopied")}
+        self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size,
+                                       switch_id=self._switch_id))
 
-    def wait_prepared(self, timeout_s: float) -> dict[int, dict]:
-        return {r: m.info for r, m in self._wait_replies("prepared", range(self.pool_size), timeout_s).items()}
+    def precopy(self, transfers: list[list[int]], blocks: list[int]) -> None:
+        """Ask every pool worker to copy the KV of `blocks` (which keep their ids) into the
+        prepared layout now; answers ("precopied") arrive while steps go on."""
+        self._broadcast(MigrateCommand(transfers, blocks, blocks, switch_id=self._switch_id))
+
+    def answers(self, kind: str, timeout_s: float) -> dict[int, dict]:
+        """Every pool worker's answer of `kind` (e.g. "prepared"), waiting for those not in yet."""
+        return {r: m.info for r, m in self._wait_replies(kind, range(self.pool_size), timeout_s).items()}
 
     def migrate(self, transfers: list[list[int]], src_blocks: list[int], dst_blocks: list[int],
                 timeout_s: float) -> dict[int, dict]:
@@ -195,18 +207,21 @@ class LocalExecutor:
         self.topology = topo
 
     def abort(self, timeout_s: float) -> None:
-        """Drop every worker's prepared layout. Each worker answers in command order, so once all
-        have said "aborted" no reply of the abandoned switch is still on its way: forget them,
-        or the next switch would take them for its own."""
+        """Drop every worker's prepared layout. Forget the replies of the abandoned switch, or the
+        next one would take them for its own: those sent in command order are all in once every
+        worker has said "aborted"; those of the builder thread may trail, and the next switch's
+        id tells them apart."""
+        self._switch_id += 1
         self._broadcast(AbortCommand())
         self._wait_replies("aborted", range(self.pool_size), timeout_s)
-        self._replies = {key: msg for key, msg in self._replies.items() if key[0] not in ("prepared", "migrated")}
+        self._replies = {key: msg for key, msg in self._replies.items()
+                         if key[0] not in ("prepared", "precopied", "migrated")}
 
     def load(self, topo: Topology, num_blocks: int, block_size: int, threads: int, timeout_s: float = 300.0) -> None:
         """Put an idle pool on `topo` (nothing live to carry over)."""
         assert not self.in_flight, "load() with steps in flight"
         self.prepare(topo, num_blocks, block_size)
-        self.wait_prepared(timeout_s)
+        self.answers("prepared", timeout_s)
         self.commit(topo, threads, timeout_s)
 
     def kill(self, ranks: list[int]) -> None:

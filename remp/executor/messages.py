@@ -44,16 +44,20 @@ class PrepareCommand:
     pp: int
     num_blocks: int
     block_size: int
+    switch_id: int  # echoed in the reply: one of an abandoned switch is told apart and dropped
 
 
 @dataclass
 class MigrateCommand:
     """Copy live KV into the prepared layout: transfers as [layer, src_rank, dst_rank, src_head,
-    dst_head, num_heads]; block src_blocks[i] of the old cache becomes dst_blocks[i] of the new."""
+    dst_head, num_heads]; block src_blocks[i] of the old cache becomes dst_blocks[i] of the new.
+    A pre-copy (`switch_id` set) runs beside the steps that keep coming and answers "precopied";
+    otherwise it runs in the pause, in command order, and answers "migrated"."""
 
     transfers: list[list[int]]
     src_blocks: list[int]
     dst_blocks: list[int]
+    switch_id: int | None = None
 
 
 @dataclass
@@ -102,8 +106,10 @@ class WorkerReply:
     """Acknowledgement (ok) or failure report of one worker for one command."""
 
     rank: int
-    kind: str  # "ready" | "prepared" | "migrated" | "committed" | "aborted" | "reformed" | "digest" | "error"
-    #            | "heartbeat" (on its own socket, info {"t": time.monotonic()})
+    kind: str  # "ready" | "prepared" | "precopied" | "migrated" | "committed" | "aborted" | "reformed" | "digest"
+    #            | "error" | "heartbeat" (on its own socket, info {"t": time.monotonic()})
+    # Replies to work done beside the steps ("prepared", "precopied", and "error" for it) carry
+    # info["switch"]: they leave on a socket of their own, so they may overtake or trail others.
     message: str = ""
     info: dict = field(default_factory=dict)
 

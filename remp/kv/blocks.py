@@ -22,6 +22,7 @@ class BlockManager:
         self.block_size = block_size
         taken = set(used)
         self._free = [b for b in range(num_blocks - 1, -1, -1) if b not in taken]  # pop() hands out low ids first
+        self._handouts = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -40,7 +41,15 @@ class BlockManager:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f"{n} blocks requested, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._handouts[b] += 1
+        return blocks
+
+    def handouts(self, block: int) -> int:
+        """How many times `block` was allocated: while this count stays the same the block has the
+        same owner, so a full block's bytes have not changed (a switch's pre-copy relies on it)."""
+        return self._handouts[block]
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))

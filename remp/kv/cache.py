@@ -58,6 +58,10 @@ class KVCache:
         cache[blocks, 0, offsets] = k
         cache[blocks, 1, offsets] = v
 
+    def heads(self, layer: int, start: int, count: int) -> torch.Tensor:
+        """Local KV heads [start, start + count) of `layer` for every block: a strided view."""
+        return self.layers[layer][:, :, :, start:start + count]
+
     def digests(self, blocks: list[int]) -> dict[str, str]:
         """sha1 of every (layer, global KV head, block) slice: lets a test compare KV bytes
         across layouts without shipping the cache."""

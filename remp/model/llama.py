@@ -2,8 +2,9 @@
 
 Tensor parallelism follows Megatron: q/k/v and gate/up are column-parallel, o and down
 row-parallel with one all-reduce after attention and one after the MLP; the embedding and
-LM head are split over the vocabulary. Pipeline parallelism gives each stage a contiguous
-run of layers; the hidden state travels between stages (see remp.worker).
+LM head are split over the vocabulary. The weights are views of the mapped checkpoint
+(remp.weights.store), so projections are not fused. Pipeline parallelism gives each stage a
+contiguous run of layers; the hidden state travels between stages (see remp.worker).
 """
 from __future__ import annotations
 
@@ -114,15 +115,14 @@ class StageModel:
         return F.linear(last, self.w["lm_head"])
 
     def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w[f"{layer}.gate_up"]).chunk(2, dim=-1)
+        gate, up = F.linear(x, self.w[f"{layer}.gate"]), F.linear(x, self.w[f"{layer}.up"])
         return self._all_reduce(F.linear(F.silu(gate) * up, self.w[f"{layer}.down"]))
 
     def _attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: Batch, kv: KVCache) -> torch.Tensor:
         hd = self.cfg.head_dim
         t = x.shape[0]
-        qkv = F.linear(x, self.w[f"{layer}.qkv"], self.w.get(f"{layer}.qkv_bias"))
-        q, k, v = qkv.split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
+        q, k, v = (F.linear(x, self.w[f"{layer}.{p}"], self.w.get(f"{layer}.{p}_bias")) for p in "qkv")
         q = q.view(t, self.num_heads, hd)
         k = k.view(t, self.num_kv_heads, hd)
         v = v.view(t, self.num_kv_heads, hd)

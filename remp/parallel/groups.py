@@ -28,8 +28,13 @@ def init_world(rank: int, world_size: int, init_method: str, backend: str) -> No
 
 class Groups:
     def __init__(self, rank: int):
+        """Called by every pool rank right after it joins the world (a collective)."""
         self.rank = rank
         self._tp: dict[tuple[int, int], list[dist.ProcessGroup]] = {}
+        # KV pre-copied during a switch travels on a thread of its own while steps still pass
+        # activations over the world group; gloo matches messages by group, peer and tag, so the
+        # two streams get separate groups and cannot take each other's messages.
+        self.migration = dist.new_group(list(range(dist.get_world_size())))
 
     def tp_group(self, topo: Topology) -> dist.ProcessGroup | None:
         """This rank's tensor-parallel group under `topo` (None on a standby rank)."""

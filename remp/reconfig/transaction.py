@@ -3,9 +3,13 @@
 plan     validate the target, size its KV cache, compute the KV migration plan
 prepare  every pool worker builds the target's groups, shard and KV cache (layers already in
          place are shared) while the engine keeps stepping on the old layout
+precopy  still stepping, the workers copy the KV of every full block of the running requests
+         to its new owners (Llumnix-style: a full block is never written again while its
+         request holds it)
 pause    stop submitting steps and drain the ones in flight (their tokens are delivered)
 migrate  preempt the newest requests if the target holds fewer blocks than are live, then
-         move every live block's KV slices to their new owners
+         move the KV slices of the live blocks not pre-copied (those still filling, and any
+         handed out again since) to their new owners
 commit   workers switch to the target atomically; block tables are renumbered if the cache
          shrank; stepping resumes
 
@@ -43,9 +47,11 @@ class ReconfigResult:
     target: dict
     reason: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)  # plan, prepare, drain, pause (migrate + commit), total
-    kv_bytes_moved: int = 0
-    weight_bytes_loaded: int = 0
+    kv_bytes_moved: int = 0  # crossed between ranks, pre-copy included
+    kv_bytes_in_pause: int = 0  # the part of it moved in the pause
+    weight_bytes_loaded: int = 0  # copied into target shards (0 where a shard is a view of the mapping)
     live_kv_blocks: int = 0
+    precopied_kv_blocks: int = 0  # of the live blocks, those whose KV was in place before the pause
     num_kv_blocks: dict[str, int] = field(default_factory=dict)  # before / after
     preempted_request_ids: list[str] = field(default_factory=list)
     replaced_ranks: list[int] = field(default_factory=list)  # workers lost during the switch and restarted
@@ -76,33 +82,36 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     t_plan = time.perf_counter()
     result.timings_s["plan"] = t_plan - t0
     executor = engine.executor
+    wire = [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads] for t in transfers]
+    per_block = bytes_moved(transfers, 1, engine.config.block_size, model.head_dim, engine.dtype.itemsize)
     try:
         executor.prepare(target, num_blocks, engine.config.block_size)
-        while not executor.has_replies("prepared", range(executor.pool_size), t_plan):
-            if engine.has_unfinished():
-                on_outputs(engine.step())
-            else:
-                time.sleep(0.005)
-            if time.perf_counter() - t_plan > timeout_s:
-                raise TimeoutError(f"workers not prepared within {timeout_s:.0f} s")
-        prepared = executor.wait_prepared(timeout_s)
+        copied = _full_blocks(engine, num_blocks)
+        if copied:  # queued behind the preparation on each worker: no wait for "prepared" first
+            executor.precopy(wire, sorted(copied))
+        prepared = _serve_until(engine, on_outputs, "prepared", timeout_s)
         result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
+        if copied:
+            _serve_until(engine, on_outputs, "precopied", timeout_s)
+        t_precopied = time.perf_counter()
+        result.timings_s["precopy"] = t_precopied - t_prepared
         while executor.in_flight:
             on_outputs(engine.collect())
         t_paused = time.perf_counter()
-        result.timings_s["drain"] = t_paused - t_prepared
+        result.timings_s["drain"] = t_paused - t_precopied
         result.preempted_request_ids = engine.scheduler.shrink_to(num_blocks)
         src_blocks = sorted(b for seq in engine.scheduler.running for b in seq.block_ids)
         remap = _renumber(src_blocks, num_blocks)
         dst_blocks = [remap[b] for b in src_blocks]
+        left = [b for b in src_blocks if copied.get(b) != engine.scheduler.blocks.handouts(b)]
         result.live_kv_blocks = len(src_blocks)
-        if src_blocks:
-            executor.migrate([[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads] for t in transfers],
-                             src_blocks, dst_blocks, timeout_s)
-        result.kv_bytes_moved = bytes_moved(transfers, len(src_blocks), engine.config.block_size, model.head_dim,
-                                            engine.dtype.itemsize)
+        result.precopied_kv_blocks = len(src_blocks) - len(left)
+        if left:
+            executor.migrate(wire, left, [remap[b] for b in left], timeout_s)
+        result.kv_bytes_moved = per_block * (len(copied) + len(left))
+        result.kv_bytes_in_pause = per_block * len(left)
         t_migrated = time.perf_counter()
         result.timings_s["migrate"] = t_migrated - t_paused
     except Exception as exc:
@@ -121,6 +130,32 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     result.timings_s["pause"] = t_end - t_paused
     result.timings_s["total"] = t_end - t0
     return result
+
+
+def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], kind: str,
+                 timeout_s: float) -> dict[int, dict]:
+    """Keep stepping the old layout until every pool worker has answered `kind`; their answers."""
+    executor = engine.executor
+    since = time.perf_counter()
+    while not executor.has_replies(kind, range(executor.pool_size), since):
+        if engine.has_unfinished():
+            on_outputs(engine.step())
+        else:
+            time.sleep(0.005)
+        if time.perf_counter() - since > timeout_s:
+            raise TimeoutError(f"workers did not answer {kind!r} within {timeout_s:.0f} s")
+    return executor.answers(kind, timeout_s)
+
+
+def _full_blocks(engine: "LLMEngine", num_blocks: int) -> dict[int, int]:
+    """The blocks to pre-copy: every full block of the running requests that keeps its id (below
+    the target's block count), with its hand-out count now. Steps in flight write only past
+    `num_computed`, so none of these is written again unless it is freed and handed out anew —
+    which its hand-out count shows at the pause."""
+    bs = engine.config.block_size
+    blocks = engine.scheduler.blocks
+    return {b: blocks.handouts(b) for seq in engine.scheduler.running
+            for b in seq.block_ids[:seq.num_computed // bs] if b < num_blocks}
 
 
 def _roll_back(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], result: ReconfigResult,

@@ -41,7 +41,8 @@ HEARTBEAT_INTERVAL_S = 0.5
 def inject_fault(phase: str, rank: int) -> None:
     """Fault injection for the fault-tolerance tests: REMP_FAULT_INJECT="PHASE:RANK:kill|hang"
     makes that rank SIGKILL or SIGSTOP itself when it reaches PHASE of a live switch ("prepare":
-    while building the target shard, not at the first load; "migrate": before exchanging KV).
+    while building the target shard, not at the first load; "migrate": before exchanging KV, in the
+    pre-copy beside the steps or, when there is none, in the pause).
     The engine never passes it to a replacement."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -67,15 +68,17 @@ class Worker:
         self.kv: KVCache | None = None
         self.target: tuple[Topology, StageModel, KVCache] | None = None  # prepared, not yet committed
         self._pending_sends: list[dist.Work] = []
+        self.block_size = 0  # of the KV cache, set by the first Prepare (the same for every layout)
         self.loaded = False  # a first layout (or standby) has been committed
 
     def prepare(self, cmd: PrepareCommand) -> Callable[[], dict]:
         """Create the target's groups now — collective, so on the command thread, in command
-        order — and return the rest of the preparation (slicing the shard, allocating KV) as a
+        order — and return the rest of the preparation (viewing the shard, allocating KV) as a
         function to run beside the steps that keep coming."""
         topo = Topology(cmd.tp, cmd.pp)
         group = self.groups.tp_group(topo)
         self.target = None
+        self.block_size = cmd.block_size
         return lambda: self._build_target(cmd, topo, group)
 
     def _build_target(self, cmd: PrepareCommand, topo: Topology, group: dist.ProcessGroup | None) -> dict:
@@ -86,49 +89,67 @@ class Worker:
         old = self.model
         same_split = old is not None and old.topo.tp == topo.tp and old.tp_rank == topo.coords(self.rank)[1]
         weights = self.store.shard(self.model_config, topo, self.rank, self.dtype, reuse=old.w if same_split else None)
-        loaded = [w for k, w in weights.items() if not (same_split and old.w.get(k) is w)]
         model = StageModel(self.model_config, topo, self.rank, weights, group, self.hf_config, self.device)
+        copied = [w for k, w in model.w.items() if not (self.store.maps(w) or (same_split and old.w.get(k) is w))]
         kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
                      reuse=self.kv)
         self.target = (topo, model, kv)
-        return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in loaded),
+        return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in copied),
                 "kv_layers_reused": sorted(kv.reused)}
 
     def migrate(self, cmd: MigrateCommand) -> dict:
         """Send the slices this rank holds to their new owners and receive its own: one buffer
-        per peer each way, posted together (batch_isend_irecv) so no pair can deadlock."""
+        per peer each way, posted together (batch_isend_irecv) so no pair can deadlock. Each
+        slice is copied once on each side: gathered from the old cache straight into its place
+        in the send buffer, scattered from the receive buffer straight into the new cache."""
         inject_fault("migrate", self.rank)
         new_kv = self.target[2] if self.target else None
+        transfers = [KVTransfer(*row) for row in cmd.transfers]
+        # A rank whose preparation failed has nowhere to put its slices (a pre-copy is queued
+        # behind the preparation, not after its success): it still sends what it holds and takes
+        # what it is sent, so no peer waits on it, and then fails.
+        unprepared = new_kv is None and any(t.dst_rank == self.rank for t in transfers)
         src_idx = torch.tensor(cmd.src_blocks, device=self.device)
         dst_idx = torch.tensor(cmd.dst_blocks, device=self.device)
-        sends: dict[int, list[torch.Tensor]] = {}
+        sends: dict[int, list[KVTransfer]] = {}
         recvs: dict[int, list[KVTransfer]] = {}
-        for t in map(lambda row: KVTransfer(*row), cmd.transfers):
-            if t.src_rank == self.rank:
-                if t.dst_rank == self.rank and t.layer in new_kv.reused:
-                    continue
-                data = self.kv.layers[t.layer][src_idx][:, :, :, t.src_head:t.src_head + t.num_heads]
-                if t.dst_rank == self.rank:
-                    new_kv.layers[t.layer][dst_idx, :, :, t.dst_head:t.dst_head + t.num_heads] = data
-                else:
-                    sends.setdefault(t.dst_rank, []).append(data.reshape(-1))
+        for t in transfers:
+            if t.src_rank == self.rank and t.dst_rank == self.rank:
+                if not unprepared and t.layer not in new_kv.reused:
+                    old = self.kv.heads(t.layer, t.src_head, t.num_heads)
+                    new_kv.heads(t.layer, t.dst_head, t.num_heads).index_copy_(0, dst_idx, old.index_select(0, src_idx))
+            elif t.src_rank == self.rank:
+                sends.setdefault(t.dst_rank, []).append(t)
             elif t.dst_rank == self.rank:
                 recvs.setdefault(t.src_rank, []).append(t)
-        per_head = len(cmd.dst_blocks) * 2 * new_kv.block_size * self.model_config.head_dim if new_kv else 0
-        buffers = {src: torch.empty(sum(t.num_heads for t in ts) * per_head, dtype=self.dtype, device=self.device)
-                   for src, ts in recvs.items()}
-        outgoing = {dst: torch.cat(parts) for dst, parts in sends.items()}
-        ops = [dist.P2POp(dist.irecv, buf, src) for src, buf in buffers.items()]
-        ops += [dist.P2POp(dist.isend, buf, dst) for dst, buf in outgoing.items()]
-        _wait_all(dist.batch_isend_irecv(ops) if ops else [])
-        for src, ts in recvs.items():
-            offset = 0
+        if not sends and not recvs and not unprepared:
+            return {"bytes_sent": 0}
+        shape = (len(cmd.src_blocks), 2, self.block_size, -1, self.model_config.head_dim)
+        per_head = shape[0] * shape[1] * shape[2] * shape[4]
+
+        def buffer(ts: list[KVTransfer]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            """One flat buffer for all of `ts` and each transfer's [blocks, 2, block, heads, dim] part of it."""
+            flat = torch.empty(sum(t.num_heads for t in ts) * per_head, dtype=self.dtype, device=self.device)
+            bounds = [0]
             for t in ts:
-                n = t.num_heads * per_head
-                block = buffers[src][offset:offset + n].view(len(cmd.dst_blocks), 2, new_kv.block_size, t.num_heads, -1)
-                new_kv.layers[t.layer][dst_idx, :, :, t.dst_head:t.dst_head + t.num_heads] = block
-                offset += n
-        return {"bytes_sent": sum(b.numel() * b.element_size() for b in outgoing.values())}
+                bounds.append(bounds[-1] + t.num_heads * per_head)
+            return flat, [flat[a:b].view(shape) for a, b in zip(bounds, bounds[1:])]
+
+        outgoing = {dst: buffer(ts) for dst, ts in sends.items()}
+        for dst, ts in sends.items():
+            for t, part in zip(ts, outgoing[dst][1]):
+                torch.index_select(self.kv.heads(t.layer, t.src_head, t.num_heads), 0, src_idx, out=part)
+        incoming = {src: buffer(ts) for src, ts in recvs.items()}
+        group = self.groups.migration
+        ops = [dist.P2POp(dist.irecv, flat, src, group) for src, (flat, _) in incoming.items()]
+        ops += [dist.P2POp(dist.isend, flat, dst, group) for dst, (flat, _) in outgoing.items()]
+        _wait_all(dist.batch_isend_irecv(ops) if ops else [])
+        if unprepared:
+            raise RuntimeError("no prepared layout to copy KV into (its preparation failed)")
+        for src, ts in recvs.items():
+            for t, part in zip(ts, incoming[src][1]):
+                new_kv.heads(t.layer, t.dst_head, t.num_heads).index_copy_(0, dst_idx, part)
+        return {"bytes_sent": sum(flat.numel() * flat.element_size() for flat, _ in outgoing.values())}
 
     def commit(self, cmd: CommitCommand) -> dict:
         torch.set_num_threads(cmd.threads)
@@ -284,21 +305,31 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     stop_beating = threading.Event()
     beats = threading.Thread(target=_heartbeat, args=(ctx, beat_addr, rank, stop_beating), daemon=True)
     beats.start()
+    # Work that runs beside the steps (building a target, pre-copying KV) is done on this thread
+    # and answers on a socket of its own the moment it is done, not after the step under way.
     builder = ThreadPoolExecutor(1, thread_name_prefix="remp-prepare")
+    builder_out = ctx.socket(zmq.PUSH)  # used on the builder thread only
+    builder_out.setsockopt(zmq.LINGER, 1000)
+    builder_out.connect(result_addr)
     building: Future | None = None
+
+    def in_background(kind: str, switch_id: int, work: Callable[[], dict]) -> Future:
+        def run() -> None:
+            try:
+                info, reply_kind, message = {**work(), "switch": switch_id}, kind, ""
+            except Exception as exc:
+                worker.abort()
+                info = {"traceback": traceback.format_exc(), "switch": switch_id}
+                reply_kind, message = "error", f"{kind}: {type(exc).__name__}: {exc}"
+            builder_out.send(encode(WorkerReply(rank=rank, kind=reply_kind, message=message, info=info)))
+        return builder.submit(run)
+
     try:
         init_world(rank, pool_size, dist_init, backend)
         worker = Worker(rank, model_path, getattr(torch, dtype), device)
         reply("ready", {"pid": os.getpid()})
         while True:
-            if building is not None and building.done():
-                try:
-                    reply("prepared", building.result())
-                except Exception as exc:
-                    worker.abort()
-                    reply("error", {"traceback": traceback.format_exc()}, f"prepare: {type(exc).__name__}: {exc}")
-                building = None
-            if not cmds.poll(5 if building is not None else 1000):
+            if not cmds.poll(1000):
                 if os.getppid() != parent:
                     break
                 continue
@@ -314,9 +345,11 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 if result is not None:
                     results.send(encode(result))
             elif isinstance(msg, PrepareCommand):
-                building = builder.submit(worker.prepare(msg))
+                building = in_background("prepared", msg.switch_id, worker.prepare(msg))
+            elif isinstance(msg, MigrateCommand) and msg.switch_id is not None:
+                building = in_background("precopied", msg.switch_id, lambda msg=msg: worker.migrate(msg))
             else:
-                if isinstance(msg, (AbortCommand, ReformCommand)) and building is not None:
+                if building is not None:  # a control command acts on what the builder made
                     wait([building])
                     building = None
                 try:
@@ -335,6 +368,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
         stop_beating.set()
         beats.join()
         builder.shutdown(wait=True)
+        builder_out.close()
         if dist.is_initialized():
             dist.destroy_process_group()
         results.close()
