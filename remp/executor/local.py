@@ -182,7 +182,11 @@ class LocalExecutor:
     def prepare(self, topo: Topology, num_blocks: int, block_size: int) -> None:
         """Ask every pool worker to get ready for `topo`; answers arrive while steps go on."""
         self._switch_id += 1
-        self._replies = {key: msg for key, msg in self._replies.items() if key[0] not in ("prepared", "precopied")}
+        # A new switch forgets the replies of the last one (committed or given up): those sent in
+        # command order are all in by the time it ended; the builder thread's may trail, and
+        # the new id tells them apart.
+        self._replies = {key: msg for key, msg in self._replies.items()
+                         if key[0] not in ("prepared", "precopied", "migrated")}
         self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size,
                                        switch_id=self._switch_id))
 
@@ -207,15 +211,12 @@ class LocalExecutor:
         self.topology = topo
 
     def abort(self, timeout_s: float) -> None:
-        """Drop every worker's prepared layout. Forget the replies of the abandoned switch, or the
-        next one would take them for its own: those sent in command order are all in once every
-        worker has said "aborted"; those of the builder thread may trail, and the next switch's
-        id tells them apart."""
+        """Drop every worker's prepared layout. From now on replies of the abandoned switch are
+        dropped on arrival (its id is retired); those already filed are forgotten by the next
+        `prepare`."""
         self._switch_id += 1
         self._broadcast(AbortCommand())
         self._wait_replies("aborted", range(self.pool_size), timeout_s)
-        self._replies = {key: msg for key, msg in self._replies.items()
-                         if key[0] not in ("prepared", "precopied", "migrated")}
 
     def load(self, topo: Topology, num_blocks: int, block_size: int, threads: int, timeout_s: float = 300.0) -> None:
         """Put an idle pool on `topo` (nothing live to carry over)."""
