@@ -69,7 +69,7 @@ def switch_under_load(client: OpenAI, base_url: str, api_key: str, model: str, m
         t = reply["timings_s"]
         print(f"switch to tp{tp}pp{pp}: {reply['outcome']}, pause {t.get('pause', 0) * 1000:.0f} ms, "
               f"total {t.get('total', 0) * 1000:.0f} ms, KV moved {reply['kv_bytes_moved'] / 2**20:.2f} MiB "
-              f"of {reply['live_kv_blocks']} live blocks, weights sliced {reply['weight_bytes_loaded'] / 2**20:.0f} MiB")
+              f"of {reply['live_kv_blocks']} live blocks, weights copied {reply['weight_bytes_loaded'] / 2**20:.0f} MiB")
     for t in threads:
         t.join()
     same = all(got.get(p) == expected[p] for p in PROMPTS)
