@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM
 from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
+from remp.executor.local import LocalExecutor
+from remp.executor.messages import SeqWork, StepCommand
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError
 
@@ -135,3 +137,26 @@ def test_pipeline_change_converts_only_the_new_stage(tiny_gqa):
         assert result.weight_bytes_loaded == sum(w.numel() * w.element_size() for w in stage1.values())
     finally:
         eng.shutdown()
+
+
+def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):
+    """A pipeline stage has up to pp steps queued ahead of a switch's PrepareCommand; its
+    preparation starts at once, beside them. Here the last stage is sent a step whose activation
+    never comes (stage 0 is not asked to run it), so it sits in that step — and still prepares.
+    Then stage 0 runs the step, and the last stage finishes it with the right token."""
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+    try:
+        executor.load(Topology(1, 2), num_blocks=8, block_size=4, threads=1)
+        step = StepCommand(step_id=1, seqs=[SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
+                                                     temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)])
+        executor._broadcast(step, ranks=[1])
+        executor.prepare(Topology(1, 1), num_blocks=8, block_size=4)
+        answers = executor.answers("prepared", timeout_s=30)
+        assert [answers[r]["standby"] for r in (0, 1)] == [False, True]
+        executor._broadcast(step, ranks=[0])
+        executor.in_flight.append(step.step_id)
+        token = executor.next_result(timeout_s=30).token_ids
+        executor.abort(timeout_s=30)
+    finally:
+        executor.shutdown()
+    assert token == reference[0][:1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -71,17 +72,14 @@ class Worker:
         self.block_size = 0  # of the KV cache, set by the first Prepare (the same for every layout)
         self.loaded = False  # a first layout (or standby) has been committed
 
-    def prepare(self, cmd: PrepareCommand) -> Callable[[], dict]:
-        """Create the target's groups now — collective, so on the command thread, in command
-        order — and return the rest of the preparation (viewing the shard, allocating KV) as a
-        function to run beside the steps that keep coming."""
+    def prepare(self, cmd: PrepareCommand) -> dict:
+        """Build the target layout beside the steps that keep coming: its groups (collective over
+        the pool: every rank's builder thread runs the preparations in command order), this
+        rank's shard as views of the weight store, and its KV cache (layers in place are shared)."""
         topo = Topology(cmd.tp, cmd.pp)
         group = self.groups.tp_group(topo)
         self.target = None
         self.block_size = cmd.block_size
-        return lambda: self._build_target(cmd, topo, group)
-
-    def _build_target(self, cmd: PrepareCommand, topo: Topology, group: dist.ProcessGroup | None) -> dict:
         if self.loaded:
             inject_fault("prepare", self.rank)
         if topo.coords(self.rank) is None:
@@ -311,7 +309,6 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     builder_out = ctx.socket(zmq.PUSH)  # used on the builder thread only
     builder_out.setsockopt(zmq.LINGER, 1000)
     builder_out.connect(result_addr)
-    building: Future | None = None
 
     def in_background(kind: str, switch_id: int, work: Callable[[], dict]) -> Future:
         def run() -> None:
@@ -324,16 +321,46 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
             builder_out.send(encode(WorkerReply(rank=rank, kind=reply_kind, message=message, info=info)))
         return builder.submit(run)
 
+    # The command socket belongs to this thread, which starts background work the moment it
+    # arrives — not behind the steps already queued for this rank (a pipeline stage has up to pp
+    # of them) — and hands every other command to the main thread, with the background work
+    # submitted before it: a control command acts on what the builder made.
+    inbox: queue.SimpleQueue[tuple[object, Future | None]] = queue.SimpleQueue()
+
+    def receive() -> None:
+        building: Future | None = None
+        try:
+            while True:
+                if not cmds.poll(1000):
+                    if os.getppid() != parent:
+                        inbox.put((ShutdownCommand(), None))
+                        return
+                    continue
+                msg = decode(cmds.recv())
+                if isinstance(msg, PrepareCommand):
+                    building = in_background("prepared", msg.switch_id, lambda msg=msg: worker.prepare(msg))
+                elif isinstance(msg, MigrateCommand) and msg.switch_id is not None:
+                    building = in_background("precopied", msg.switch_id, lambda msg=msg: worker.migrate(msg))
+                elif isinstance(msg, StepCommand):
+                    inbox.put((msg, None))
+                else:
+                    inbox.put((msg, building))
+                    building = None
+                    if isinstance(msg, ShutdownCommand):
+                        return
+        except BaseException as exc:  # the main thread reports it and stops
+            inbox.put((exc, None))
+
+    receiver = threading.Thread(target=receive, name="remp-commands", daemon=True)
     try:
         init_world(rank, pool_size, dist_init, backend)
         worker = Worker(rank, model_path, getattr(torch, dtype), device)
+        receiver.start()
         reply("ready", {"pid": os.getpid()})
         while True:
-            if not cmds.poll(1000):
-                if os.getppid() != parent:
-                    break
-                continue
-            msg = decode(cmds.recv())
+            msg, building = inbox.get()
+            if isinstance(msg, BaseException):
+                raise msg
             if isinstance(msg, ShutdownCommand):
                 break
             if isinstance(msg, StepCommand):
@@ -344,29 +371,26 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                     continue
                 if result is not None:
                     results.send(encode(result))
-            elif isinstance(msg, PrepareCommand):
-                building = in_background("prepared", msg.switch_id, worker.prepare(msg))
-            elif isinstance(msg, MigrateCommand) and msg.switch_id is not None:
-                building = in_background("precopied", msg.switch_id, lambda msg=msg: worker.migrate(msg))
-            else:
-                if building is not None:  # a control command acts on what the builder made
-                    wait([building])
-                    building = None
-                try:
-                    if isinstance(msg, ReformCommand):
-                        reply("reformed", worker.reform(msg, rank, pool_size, backend))
-                        continue
-                    reply(*worker.control(msg))
-                except Exception as exc:
-                    worker.abort()
-                    reply("error", {"traceback": traceback.format_exc()},
-                          f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
+                continue
+            if building is not None:
+                wait([building])
+            try:
+                if isinstance(msg, ReformCommand):
+                    reply("reformed", worker.reform(msg, rank, pool_size, backend))
+                    continue
+                reply(*worker.control(msg))
+            except Exception as exc:
+                worker.abort()
+                reply("error", {"traceback": traceback.format_exc()},
+                      f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
     except Exception as exc:  # a failed start-up: report, then die
         reply("error", {"traceback": traceback.format_exc()}, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         stop_beating.set()
         beats.join()
+        if receiver.is_alive():
+            receiver.join()
         builder.shutdown(wait=True)
         builder_out.close()
         if dist.is_initialized():
