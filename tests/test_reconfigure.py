@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
-from remp.executor.local import LocalExecutor
+from remp.config import ModelConfig
+from remp.executor.local import LocalExecutor, WorkerReportedError
+from remp.kv.migration import plan_kv_migration
 from remp.executor.messages import SeqWork, StepCommand
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError
@@ -160,3 +162,32 @@ def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):
     finally:
         executor.shutdown()
     assert token == reference[0][:1]
+
+
+def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, reference):
+    """Migrate and commit are one round trip, so a rank can switch while a peer fails. Here the
+    receiving rank's copy fails (a destination block past its new cache) after the sending rank
+    has switched to the target; the abort takes that rank back to the old layout, and the request
+    decodes on from its KV there with the right token."""
+    source, target = Topology(1, 1), Topology(1, 2)
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+
+    def step(step_id: int, tokens: list[int], start: int, out_pos: int) -> list[int]:
+        executor.submit(StepCommand(step_id, [SeqWork(seq_id=0, token_ids=tokens, start=start, block_table=[0, 1],
+                                                      temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=out_pos)]))
+        return executor.next_result(timeout_s=30).token_ids
+
+    try:
+        executor.load(source, num_blocks=8, block_size=4, threads=1)
+        first = step(1, PROMPTS[0], 0, 0)
+        executor.prepare(target, num_blocks=8, block_size=4)
+        executor.answers("prepared", timeout_s=30)
+        wire = [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads]
+                for t in plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target)]
+        with pytest.raises(WorkerReportedError, match="worker 1 failed"):
+            executor.commit(target, 1, 30, wire, [0, 1], [0, 99])
+        executor.abort(timeout_s=30)
+        second = step(2, first, len(PROMPTS[0]), 1)
+    finally:
+        executor.shutdown()
+    assert first + second == reference[0][:2]

@@ -186,7 +186,7 @@ class LocalExecutor:
         # command order are all in by the time it ended; the builder thread's may trail, and
         # the new id tells them apart.
         self._replies = {key: msg for key, msg in self._replies.items()
-                         if key[0] not in ("prepared", "precopied", "migrated")}
+                         if key[0] not in ("prepared", "precopied", "committed")}
         self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size,
                                        switch_id=self._switch_id))
 
@@ -199,19 +199,19 @@ class LocalExecutor:
         """Every pool worker's answer of `kind` (e.g. "prepared"), waiting for those not in yet."""
         return {r: m.info for r, m in self._wait_replies(kind, range(self.pool_size), timeout_s).items()}
 
-    def migrate(self, transfers: list[list[int]], src_blocks: list[int], dst_blocks: list[int],
-                timeout_s: float) -> dict[int, dict]:
-        assert not self.in_flight, "migrate() with steps in flight"
-        self._broadcast(MigrateCommand(transfers, src_blocks, dst_blocks))
-        return {r: m.info for r, m in self._wait_replies("migrated", range(self.pool_size), timeout_s).items()}
-
-    def commit(self, topo: Topology, threads: int, timeout_s: float) -> None:
-        self._broadcast(CommitCommand(threads=threads))
-        self._wait_replies("committed", range(self.pool_size), timeout_s)
+    def commit(self, topo: Topology, threads: int, timeout_s: float, transfers: list[list[int]] | None = None,
+               src_blocks: list[int] | None = None, dst_blocks: list[int] | None = None) -> dict[int, dict]:
+        """Move the live KV of `src_blocks` not yet in place (to `dst_blocks`) and switch every
+        worker to the prepared layout, in one round trip; their answers (with "migrate_s"). On a
+        WorkerError the workers that did switch go back on `abort` (or when re-formed)."""
+        assert not self.in_flight, "commit() with steps in flight"
+        self._broadcast(CommitCommand(threads, transfers or [], src_blocks or [], dst_blocks or []))
+        answers = {r: m.info for r, m in self._wait_replies("committed", range(self.pool_size), timeout_s).items()}
         self.topology = topo
+        return answers
 
     def abort(self, timeout_s: float) -> None:
-        """Drop every worker's prepared layout. From now on replies of the abandoned switch are
+        """Drop every worker's prepared layout (a worker that committed already goes back). From now on replies of the abandoned switch are
         dropped on arrival (its id is retired); those already filed are forgotten by the next
         `prepare`."""
         self._switch_id += 1

@@ -51,8 +51,8 @@ class PrepareCommand:
 class MigrateCommand:
     """Copy live KV into the prepared layout: transfers as [layer, src_rank, dst_rank, src_head,
     dst_head, num_heads]; block src_blocks[i] of the old cache becomes dst_blocks[i] of the new.
-    A pre-copy (`switch_id` set) runs beside the steps that keep coming and answers "precopied";
-    otherwise it runs in the pause, in command order, and answers "migrated"."""
+    Sent as a pre-copy (with `switch_id`), which runs beside the steps that keep coming and
+    answers "precopied"; the KV left for the pause travels in the CommitCommand."""
 
     transfers: list[list[int]]
     src_blocks: list[int]
@@ -62,9 +62,16 @@ class MigrateCommand:
 
 @dataclass
 class CommitCommand:
-    """Switch to the prepared layout and free the old one (or go standby)."""
+    """In the pause: move the live KV not yet in place (as in MigrateCommand; nothing when
+    `src_blocks` is empty), then switch to the prepared layout (or go standby). One round trip.
+    The switch is tentative until the next step or preparation: an Abort or a Reform before
+    then goes back to the old layout, so a rank that fails here leaves no peer stranded on the
+    new one."""
 
     threads: int
+    transfers: list[list[int]] = field(default_factory=list)
+    src_blocks: list[int] = field(default_factory=list)
+    dst_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -106,7 +113,7 @@ class WorkerReply:
     """Acknowledgement (ok) or failure report of one worker for one command."""
 
     rank: int
-    kind: str  # "ready" | "prepared" | "precopied" | "migrated" | "committed" | "aborted" | "reformed" | "digest"
+    kind: str  # "ready" | "prepared" | "precopied" | "committed" | "aborted" | "reformed" | "digest"
     #            | "error" | "heartbeat" (on its own socket, info {"t": time.monotonic()})
     # Replies to work done beside the steps ("prepared", "precopied", and "error" for it) carry
     # info["switch"]: they leave on a socket of their own, so they may overtake or trail others.

@@ -7,14 +7,14 @@ precopy  still stepping, the workers copy the KV of every full block of the runn
          to its new owners (Llumnix-style: a full block is never written again while its
          request holds it)
 pause    stop submitting steps and drain the ones in flight (their tokens are delivered)
-migrate  preempt the newest requests if the target holds fewer blocks than are live, then
-         move the KV slices of the live blocks not pre-copied (those still filling, and any
-         handed out again since) to their new owners
-commit   workers switch to the target atomically; block tables are renumbered if the cache
-         shrank; stepping resumes
+migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
++commit  one round trip, every worker moves the KV slices of the live blocks not pre-copied
+         (those still filling, and any handed out again since) to their new owners and
+         switches to the target, tentatively; block tables are renumbered if the cache
+         shrank; stepping resumes, which confirms every worker's switch
 
-Any error before commit aborts: the prepared state is dropped and the old layout, whose
-shards, KV and groups were never touched, keeps serving. If the error is a worker that died
+Any error before then aborts: the prepared state is dropped, a worker that had switched goes
+back, and the old layout, whose shards, KV and groups were never touched, keeps serving. If the error is a worker that died
 or hung, it is replaced first (`LLMEngine.recover`): the survivors re-form the world with a
 fresh process in its rank and the old layout is rebuilt around it. Requests never leave the
 scheduler, so none is lost or duplicated.
@@ -108,25 +108,24 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         left = [b for b in src_blocks if copied.get(b) != engine.scheduler.blocks.handouts(b)]
         result.live_kv_blocks = len(src_blocks)
         result.precopied_kv_blocks = len(src_blocks) - len(left)
-        if left:
-            executor.migrate(wire, left, [remap[b] for b in left], timeout_s)
-        result.kv_bytes_moved = per_block * (len(copied) + len(left))
-        result.kv_bytes_in_pause = per_block * len(left)
-        t_migrated = time.perf_counter()
-        result.timings_s["migrate"] = t_migrated - t_paused
+        committed = executor.commit(target, engine.threads_for(target), timeout_s, wire, left,
+                                    [remap[b] for b in left])
     except Exception as exc:
         result.outcome = "rolled_back"
         result.reason = f"{type(exc).__name__}: {exc}"
         _roll_back(engine, on_outputs, result, timeout_s)
         result.timings_s["total"] = time.perf_counter() - t0
         return result
-    executor.commit(target, engine.threads_for(target), timeout_s)
     for seq in engine.scheduler.running:
         seq.block_ids = [remap[b] for b in seq.block_ids]
     engine.scheduler.blocks = BlockManager(num_blocks, engine.config.block_size, used=dst_blocks)
     t_end = time.perf_counter()
     result.outcome = "committed"
-    result.timings_s["commit"] = t_end - t_migrated
+    result.kv_bytes_moved = per_block * (len(copied) + len(left))
+    result.kv_bytes_in_pause = per_block * len(left)
+    # One round trip does both: the slowest rank's migration is "migrate", the rest "commit".
+    result.timings_s["migrate"] = max(info["migrate_s"] for info in committed.values())
+    result.timings_s["commit"] = t_end - t_paused - result.timings_s["migrate"]
     result.timings_s["pause"] = t_end - t_paused
     result.timings_s["total"] = t_end - t0
     return result

@@ -68,6 +68,9 @@ class Worker:
         self.model: StageModel | None = None
         self.kv: KVCache | None = None
         self.target: tuple[Topology, StageModel, KVCache] | None = None  # prepared, not yet committed
+        # What a commit replaced (topo, model, kv, loaded, threads), kept until the next step or
+        # preparation confirms it: an Abort or Reform before then goes back to it.
+        self.previous: tuple | None = None
         self._pending_sends: list[dist.Work] = []
         self.block_size = 0  # of the KV cache, set by the first Prepare (the same for every layout)
         self.loaded = False  # a first layout (or standby) has been committed
@@ -78,7 +81,7 @@ class Worker:
         rank's shard as views of the weight store, and its KV cache (layers in place are shared)."""
         topo = Topology(cmd.tp, cmd.pp)
         group = self.groups.tp_group(topo)
-        self.target = None
+        self.target, self.previous = None, None
         self.block_size = cmd.block_size
         if self.loaded:
             inject_fault("prepare", self.rank)
@@ -150,34 +153,43 @@ class Worker:
         return {"bytes_sent": sum(flat.numel() * flat.element_size() for flat, _ in outgoing.values())}
 
     def commit(self, cmd: CommitCommand) -> dict:
+        """Move the KV left for the pause, then switch, tentatively (see CommitCommand)."""
+        t0 = time.perf_counter()
+        moved = self.migrate(MigrateCommand(cmd.transfers, cmd.src_blocks, cmd.dst_blocks)) if cmd.src_blocks else {}
+        info = {"migrate_s": time.perf_counter() - t0, "bytes_sent": moved.get("bytes_sent", 0)}
+        self.previous = (self.topo, self.model, self.kv, self.loaded, torch.get_num_threads())
         torch.set_num_threads(cmd.threads)
         self._pending_sends.clear()
         self.loaded = True
         if self.target is None:
             self.topo, self.model, self.kv = None, None, None
-            return {"standby": True}
+            return {**info, "standby": True}
         self.topo, self.model, self.kv = self.target
         self.target = None
-        return {"standby": False, "layers": list(self.model.layers)}
+        return {**info, "standby": False, "layers": list(self.model.layers)}
 
     def abort(self) -> dict:
+        """Drop the prepared layout, and go back to the old one if a commit was not yet confirmed."""
         self.target = None
+        if self.previous is not None:
+            self.topo, self.model, self.kv, self.loaded, threads = self.previous
+            self.previous = None
+            torch.set_num_threads(threads)
         return {}
 
     def reform(self, cmd: ReformCommand, rank: int, pool_size: int, backend: str) -> dict:
         """Leave the world group a lost peer broke and join the new one. The layout, shard and KV
-        stay (the next Prepare of the same layout reuses them); every group is rebuilt."""
-        self.target = None
+        stay (the next Prepare of the same layout reuses them) — the old ones when a commit was
+        not confirmed yet (the switch failed in its pause); every group is rebuilt."""
+        self.abort()
         self._pending_sends.clear()
         dist.destroy_process_group()
         init_world(rank, pool_size, cmd.dist_init, backend)
         self.groups = Groups(rank)
         return {}
 
-    def control(self, msg: MigrateCommand | CommitCommand | AbortCommand | DigestCommand) -> tuple[str, dict]:
+    def control(self, msg: CommitCommand | AbortCommand | DigestCommand) -> tuple[str, dict]:
         """Run a reconfiguration or inspection command; returns the reply kind and its info."""
-        if isinstance(msg, MigrateCommand):
-            return "migrated", self.migrate(msg)
         if isinstance(msg, CommitCommand):
             return "committed", self.commit(msg)
         if isinstance(msg, AbortCommand):
@@ -200,6 +212,7 @@ class Worker:
 
     def step(self, cmd: StepCommand) -> StepResult | None:
         t0 = time.perf_counter()
+        self.previous = None  # the engine steps only once every rank has committed
         model, topo = self.model, self.topo
         batch = self._batch(cmd.seqs, self.kv.block_size)
         t1 = time.perf_counter()
