@@ -164,22 +164,25 @@ def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):
     assert token == reference[0][:1]
 
 
+def decode_step(executor: LocalExecutor, step_id: int, tokens: list[int], start: int, out_pos: int) -> list[int]:
+    """Run one greedy step of sequence 0 (blocks 0 and 1) straight on the executor; its token."""
+    executor.submit(StepCommand(step_id, [SeqWork(seq_id=0, token_ids=tokens, start=start, block_table=[0, 1],
+                                                  temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=out_pos)]))
+    return executor.next_result(timeout_s=30).token_ids
+
+
 def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, reference):
     """Migrate and commit are one round trip, so a rank can switch while a peer fails. Here the
     receiving rank's copy fails (a destination block past its new cache) after the sending rank
     has switched to the target; the abort takes that rank back to the old layout, and the request
-    decodes on from its KV there with the right token."""
+    decodes on from its KV there with the right token. A confirmed switch, though, is final: an
+    abort after it changes nothing."""
     source, target = Topology(1, 1), Topology(1, 2)
     executor = LocalExecutor(tiny_gqa, 2, "float32")
-
-    def step(step_id: int, tokens: list[int], start: int, out_pos: int) -> list[int]:
-        executor.submit(StepCommand(step_id, [SeqWork(seq_id=0, token_ids=tokens, start=start, block_table=[0, 1],
-                                                      temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=out_pos)]))
-        return executor.next_result(timeout_s=30).token_ids
-
     try:
         executor.load(source, num_blocks=8, block_size=4, threads=1)
-        first = step(1, PROMPTS[0], 0, 0)
+        executor.abort(timeout_s=30)  # the load's commit was confirmed: rank 0 stays on tp1pp1
+        first = decode_step(executor, 1, PROMPTS[0], 0, 0)
         executor.prepare(target, num_blocks=8, block_size=4)
         executor.answers("prepared", timeout_s=30)
         wire = [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads]
@@ -187,7 +190,7 @@ def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, refer
         with pytest.raises(WorkerReportedError, match="worker 1 failed"):
             executor.commit(target, 1, 30, wire, [0, 1], [0, 99])
         executor.abort(timeout_s=30)
-        second = step(2, first, len(PROMPTS[0]), 1)
+        second = decode_step(executor, 2, first, len(PROMPTS[0]), 1)
     finally:
         executor.shutdown()
     assert first + second == reference[0][:2]

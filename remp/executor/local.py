@@ -24,9 +24,9 @@ from collections.abc import Iterable
 
 import zmq
 
-from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, DigestCommand, MigrateCommand,
-                                    PrepareCommand, ReformCommand, ShutdownCommand, StepCommand, StepResult,
-                                    WorkerReply, decode, encode)
+from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, DigestCommand,
+                                    MigrateCommand, PrepareCommand, ReformCommand, ShutdownCommand, StepCommand,
+                                    StepResult, WorkerReply, decode, encode)
 from remp.topology import Topology
 
 
@@ -202,11 +202,13 @@ class LocalExecutor:
     def commit(self, topo: Topology, threads: int, timeout_s: float, transfers: list[list[int]] | None = None,
                src_blocks: list[int] | None = None, dst_blocks: list[int] | None = None) -> dict[int, dict]:
         """Move the live KV of `src_blocks` not yet in place (to `dst_blocks`) and switch every
-        worker to the prepared layout, in one round trip; their answers (with "migrate_s"). On a
-        WorkerError the workers that did switch go back on `abort` (or when re-formed)."""
+        worker to the prepared layout, in one round trip; their answers (with "migrate_s"). Once
+        all have answered the switch is confirmed (no reply awaited); on a WorkerError before
+        that, the workers that did switch go back on `abort` (or when re-formed)."""
         assert not self.in_flight, "commit() with steps in flight"
         self._broadcast(CommitCommand(threads, transfers or [], src_blocks or [], dst_blocks or []))
         answers = {r: m.info for r, m in self._wait_replies("committed", range(self.pool_size), timeout_s).items()}
+        self._broadcast(ConfirmCommand())
         self.topology = topo
         return answers
 

@@ -64,14 +64,18 @@ class MigrateCommand:
 class CommitCommand:
     """In the pause: move the live KV not yet in place (as in MigrateCommand; nothing when
     `src_blocks` is empty), then switch to the prepared layout (or go standby). One round trip.
-    The switch is tentative until the next step or preparation: an Abort or a Reform before
-    then goes back to the old layout, so a rank that fails here leaves no peer stranded on the
-    new one."""
+    The switch is tentative until a ConfirmCommand: an Abort or a Reform before then goes back
+    to the old layout, so a rank that fails here leaves no peer stranded on the new one."""
 
     threads: int
     transfers: list[list[int]] = field(default_factory=list)
     src_blocks: list[int] = field(default_factory=list)
     dst_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ConfirmCommand:
+    """Every worker has committed: the switch is final, forget what it replaced. No reply."""
 
 
 @dataclass
@@ -121,8 +125,8 @@ class WorkerReply:
     info: dict = field(default_factory=dict)
 
 
-_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, MigrateCommand, CommitCommand, AbortCommand,
-                                        DigestCommand, ReformCommand, ShutdownCommand, StepResult, WorkerReply)}
+_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, MigrateCommand, CommitCommand, ConfirmCommand,
+                                        AbortCommand, DigestCommand, ReformCommand, ShutdownCommand, StepResult, WorkerReply)}
 
 
 def encode(msg) -> bytes:

@@ -10,10 +10,10 @@ pause    stop submitting steps and drain the ones in flight (their tokens are de
 migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
 +commit  one round trip, every worker moves the KV slices of the live blocks not pre-copied
          (those still filling, and any handed out again since) to their new owners and
-         switches to the target, tentatively; block tables are renumbered if the cache
-         shrank; stepping resumes, which confirms every worker's switch
+         switches to the target, tentatively until all have (then the engine confirms);
+         block tables are renumbered if the cache shrank; stepping resumes
 
-Any error before then aborts: the prepared state is dropped, a worker that had switched goes
+Any error before the confirmation aborts: the prepared state is dropped, a worker that had switched goes
 back, and the old layout, whose shards, KV and groups were never touched, keeps serving. If the error is a worker that died
 or hung, it is replaced first (`LLMEngine.recover`): the survivors re-form the world with a
 fresh process in its rank and the old layout is rebuilt around it. Requests never leave the

@@ -28,9 +28,9 @@ import zmq
 
 from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
-from remp.executor.messages import (AbortCommand, CommitCommand, DigestCommand, MigrateCommand, PrepareCommand,
-                                    FAULT_ENV, ReformCommand, SeqWork, ShutdownCommand, StepCommand, StepResult,
-                                    WorkerReply, decode, encode)
+from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, DigestCommand,
+                                    MigrateCommand, PrepareCommand, ReformCommand, SeqWork, ShutdownCommand,
+                                    StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
 from remp.model.llama import Batch, StageModel
@@ -68,8 +68,8 @@ class Worker:
         self.model: StageModel | None = None
         self.kv: KVCache | None = None
         self.target: tuple[Topology, StageModel, KVCache] | None = None  # prepared, not yet committed
-        # What a commit replaced (topo, model, kv, loaded, threads), kept until the next step or
-        # preparation confirms it: an Abort or Reform before then goes back to it.
+        # What a commit replaced (topo, model, kv, loaded, threads), kept until a ConfirmCommand:
+        # an Abort or Reform before then goes back to it.
         self.previous: tuple | None = None
         self._pending_sends: list[dist.Work] = []
         self.block_size = 0  # of the KV cache, set by the first Prepare (the same for every layout)
@@ -81,7 +81,7 @@ class Worker:
         rank's shard as views of the weight store, and its KV cache (layers in place are shared)."""
         topo = Topology(cmd.tp, cmd.pp)
         group = self.groups.tp_group(topo)
-        self.target, self.previous = None, None
+        self.target = None
         self.block_size = cmd.block_size
         if self.loaded:
             inject_fault("prepare", self.rank)
@@ -212,7 +212,6 @@ class Worker:
 
     def step(self, cmd: StepCommand) -> StepResult | None:
         t0 = time.perf_counter()
-        self.previous = None  # the engine steps only once every rank has committed
         model, topo = self.model, self.topo
         batch = self._batch(cmd.seqs, self.kv.block_size)
         t1 = time.perf_counter()
@@ -391,12 +390,15 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 if isinstance(msg, ReformCommand):
                     reply("reformed", worker.reform(msg, rank, pool_size, backend))
                     continue
+                if isinstance(msg, ConfirmCommand):
+                    worker.previous = None
+                    continue
                 reply(*worker.control(msg))
             except Exception as exc:
                 worker.abort()
                 reply("error", {"traceback": traceback.format_exc()},
                       f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
-    except Exception as exc:  # a failed start-up: report, then die
+    except Exception as exc:  # a failed start-up (or a broken command socket): report, then die
         reply("error", {"traceback": traceback.format_exc()}, f"{type(exc).__name__}: {exc}")
         raise
     finally:
