@@ -99,6 +99,10 @@ def test_block_manager():
     assert bm.num_free == 4 and bm.usage == 0
     assert [bm.handouts(b) for b in range(4)] == [1, 1, 1, 0]
     assert bm.allocate(1) == [0] and bm.handouts(0) == 2  # handed out anew: a pre-copy of it is stale
+    carried = BlockManager(12, 4, used=[9, 3, 5, 3])  # after a switch: the live blocks stay taken
+    assert carried.num_free == 9 and carried.allocate(9) == [0, 1, 2, 4, 6, 7, 8, 10, 11]
+    with pytest.raises(ValueError, match="lie in"):
+        BlockManager(4, 16, used=[4])
 
 
 def _seq(i: int, n: int) -> Sequence:

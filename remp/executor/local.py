@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import zmq
 
 from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, DigestCommand,
-                                    MigrateCommand, PrepareCommand, ReformCommand, ShutdownCommand, StepCommand,
+                                    PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand, StepCommand,
                                     StepResult, WorkerReply, decode, encode)
 from remp.topology import Topology
 
@@ -193,7 +193,7 @@ class LocalExecutor:
     def precopy(self, transfers: list[list[int]], blocks: list[int]) -> None:
         """Ask every pool worker to copy the KV of `blocks` (which keep their ids) into the
         prepared layout now; answers ("precopied") arrive while steps go on."""
-        self._broadcast(MigrateCommand(transfers, blocks, blocks, switch_id=self._switch_id))
+        self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id))
 
     def answers(self, kind: str, timeout_s: float) -> dict[int, dict]:
         """Every pool worker's answer of `kind` (e.g. "prepared"), waiting for those not in yet."""

@@ -48,22 +48,20 @@ class PrepareCommand:
 
 
 @dataclass
-class MigrateCommand:
-    """Copy live KV into the prepared layout: transfers as [layer, src_rank, dst_rank, src_head,
-    dst_head, num_heads]; block src_blocks[i] of the old cache becomes dst_blocks[i] of the new.
-    Sent as a pre-copy (with `switch_id`), which runs beside the steps that keep coming and
-    answers "precopied"; the KV left for the pause travels in the CommitCommand."""
+class PrecopyCommand:
+    """Copy the KV of full blocks (which keep their ids) into the prepared layout, beside the
+    steps that keep coming; answers "precopied". Transfers as [layer, src_rank, dst_rank,
+    src_head, dst_head, num_heads]. The KV left for the pause travels in the CommitCommand."""
 
     transfers: list[list[int]]
-    src_blocks: list[int]
-    dst_blocks: list[int]
-    switch_id: int | None = None
+    blocks: list[int]
+    switch_id: int
 
 
 @dataclass
 class CommitCommand:
-    """In the pause: move the live KV not yet in place (as in MigrateCommand; nothing when
-    `src_blocks` is empty), then switch to the prepared layout (or go standby). One round trip.
+    """In the pause: move the live KV not yet in place (transfers as in PrecopyCommand; block
+    src_blocks[i] of the old cache becomes dst_blocks[i] of the new; nothing when empty), then switch to the prepared layout (or go standby). One round trip.
     The switch is tentative until a ConfirmCommand: an Abort or a Reform before then goes back
     to the old layout, so a rank that fails here leaves no peer stranded on the new one."""
 
@@ -125,7 +123,7 @@ class WorkerReply:
     info: dict = field(default_factory=dict)
 
 
-_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, MigrateCommand, CommitCommand, ConfirmCommand,
+_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand, ConfirmCommand,
                                         AbortCommand, DigestCommand, ReformCommand, ShutdownCommand, StepResult, WorkerReply)}
 
 

@@ -20,8 +20,17 @@ class BlockManager:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        taken = set(used)
-        self._free = [b for b in range(num_blocks - 1, -1, -1) if b not in taken]  # pop() hands out low ids first
+        # Descending, so pop() hands out low ids first; built from the gaps between the taken ids
+        # (C-speed ranges), since a layout switch builds it in its pause with up to ~10^5 blocks.
+        taken = sorted(set(used), reverse=True)
+        if taken and (taken[0] >= num_blocks or taken[-1] < 0):
+            raise ValueError(f"taken block ids must lie in [0, {num_blocks}), got {taken[-1]}..{taken[0]}")
+        self._free: list[int] = []
+        upper = num_blocks
+        for b in taken:
+            self._free.extend(range(upper - 1, b, -1))
+            upper = b
+        self._free.extend(range(upper - 1, -1, -1))
         self._handouts = [0] * num_blocks
 
     @property

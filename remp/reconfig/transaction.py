@@ -180,5 +180,5 @@ def _renumber(live: list[int], num_blocks: int) -> dict[int, int]:
     """Keep every live block id that exists in a cache of `num_blocks`; give the others the lowest
     free ids (only happens when the cache shrinks)."""
     keep = {b for b in live if b < num_blocks}
-    free = iter(sorted(set(range(num_blocks)) - keep))
+    free = (b for b in range(num_blocks) if b not in keep)  # lazy: runs in the pause, blocks may be ~10^5
     return {b: (b if b in keep else next(free)) for b in live}

@@ -29,7 +29,7 @@ import zmq
 from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
 from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, DigestCommand,
-                                    MigrateCommand, PrepareCommand, ReformCommand, SeqWork, ShutdownCommand,
+                                    PrecopyCommand, PrepareCommand, ReformCommand, SeqWork, ShutdownCommand,
                                     StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
@@ -98,20 +98,21 @@ class Worker:
         return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in copied),
                 "kv_layers_reused": sorted(kv.reused)}
 
-    def migrate(self, cmd: MigrateCommand) -> dict:
+    def migrate(self, rows: list[list[int]], src_blocks: list[int], dst_blocks: list[int]) -> dict:
         """Send the slices this rank holds to their new owners and receive its own: one buffer
         per peer each way, posted together (batch_isend_irecv) so no pair can deadlock. Each
         slice is copied once on each side: gathered from the old cache straight into its place
-        in the send buffer, scattered from the receive buffer straight into the new cache."""
+        in the send buffer, scattered from the receive buffer straight into the new cache.
+        `rows` are KVTransfer fields; block src_blocks[i] of the old cache is dst_blocks[i] of the new."""
         inject_fault("migrate", self.rank)
         new_kv = self.target[2] if self.target else None
-        transfers = [KVTransfer(*row) for row in cmd.transfers]
+        transfers = [KVTransfer(*row) for row in rows]
         # A rank whose preparation failed has nowhere to put its slices (a pre-copy is queued
         # behind the preparation, not after its success): it still sends what it holds and takes
         # what it is sent, so no peer waits on it, and then fails.
         unprepared = new_kv is None and any(t.dst_rank == self.rank for t in transfers)
-        src_idx = torch.tensor(cmd.src_blocks, device=self.device)
-        dst_idx = torch.tensor(cmd.dst_blocks, device=self.device)
+        src_idx = torch.tensor(src_blocks, device=self.device)
+        dst_idx = torch.tensor(dst_blocks, device=self.device)
         sends: dict[int, list[KVTransfer]] = {}
         recvs: dict[int, list[KVTransfer]] = {}
         for t in transfers:
@@ -125,7 +126,7 @@ class Worker:
                 recvs.setdefault(t.src_rank, []).append(t)
         if not sends and not recvs and not unprepared:
             return {"bytes_sent": 0}
-        shape = (len(cmd.src_blocks), 2, self.block_size, -1, self.model_config.head_dim)
+        shape = (len(src_blocks), 2, self.block_size, -1, self.model_config.head_dim)
         per_head = shape[0] * shape[1] * shape[2] * shape[4]
 
         def buffer(ts: list[KVTransfer]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -155,7 +156,7 @@ class Worker:
     def commit(self, cmd: CommitCommand) -> dict:
         """Move the KV left for the pause, then switch, tentatively (see CommitCommand)."""
         t0 = time.perf_counter()
-        moved = self.migrate(MigrateCommand(cmd.transfers, cmd.src_blocks, cmd.dst_blocks)) if cmd.src_blocks else {}
+        moved = self.migrate(cmd.transfers, cmd.src_blocks, cmd.dst_blocks) if cmd.src_blocks else {}
         info = {"migrate_s": time.perf_counter() - t0, "bytes_sent": moved.get("bytes_sent", 0)}
         self.previous = (self.topo, self.model, self.kv, self.loaded, torch.get_num_threads())
         torch.set_num_threads(cmd.threads)
@@ -351,8 +352,9 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 msg = decode(cmds.recv())
                 if isinstance(msg, PrepareCommand):
                     building = in_background("prepared", msg.switch_id, lambda msg=msg: worker.prepare(msg))
-                elif isinstance(msg, MigrateCommand) and msg.switch_id is not None:
-                    building = in_background("precopied", msg.switch_id, lambda msg=msg: worker.migrate(msg))
+                elif isinstance(msg, PrecopyCommand):
+                    building = in_background("precopied", msg.switch_id,
+                                             lambda msg=msg: worker.migrate(msg.transfers, msg.blocks, msg.blocks))
                 elif isinstance(msg, StepCommand):
                     inbox.put((msg, None))
                 else:
