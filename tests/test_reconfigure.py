@@ -3,6 +3,8 @@ a smaller target cache preempts (and later recomputes) instead of dropping, bad 
 nothing. One pool of 4 workers walks every ordered pair of the six layouts in one tour."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,7 +15,7 @@ from remp.engine.sampling import SamplingParams
 from remp.config import ModelConfig
 from remp.executor.local import LocalExecutor, WorkerReportedError
 from remp.kv.migration import plan_kv_migration
-from remp.executor.messages import SeqWork, StepCommand
+from remp.executor.messages import FAULT_ENV, SeqWork, StepCommand
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError
 
@@ -191,6 +193,33 @@ def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, refer
             executor.commit(target, 1, 30, wire, [0, 1], [0, 99])
         executor.abort(timeout_s=30)
         second = decode_step(executor, 2, first, len(PROMPTS[0]), 1)
+    finally:
+        executor.shutdown()
+    assert first + second == reference[0][:2]
+
+
+def test_a_lost_peer_retires_the_switch_so_its_background_failures_are_dropped(tiny_gqa, reference, monkeypatch):
+    """A pre-copy whose peer died fails and says so on the background socket, possibly after the
+    engine has seen the death and begun to recover — collecting the steps still in flight, when
+    the lost rank held nothing of them. That report belongs to the abandoned switch: it must not
+    be taken for a failure of those steps. Here rank 1 (standby, joining the target) dies as its
+    pre-copy starts, and rank 0's pre-copy to it fails."""
+    monkeypatch.setenv(FAULT_ENV, "migrate:1:kill")
+    source, target = Topology(1, 1), Topology(1, 2)
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+    try:
+        executor.load(source, num_blocks=8, block_size=4, threads=1)
+        first = decode_step(executor, 1, PROMPTS[0], 0, 0)
+        executor.prepare(target, num_blocks=8, block_size=4)
+        executor.answers("prepared", timeout_s=30)
+        wire = [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads]
+                for t in plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target)]
+        executor.precopy(wire, [0])
+        executor.procs[1].wait(timeout=30)
+        time.sleep(2)  # rank 0's report of its failed pre-copy is on its way, or in
+        executor.kill([1])
+        second = decode_step(executor, 2, first, len(PROMPTS[0]), 1)  # rank 1 was standby: unaffected
+        assert executor.replace(timeout_s=120) == [1]
     finally:
         executor.shutdown()
     assert first + second == reference[0][:2]

@@ -229,7 +229,10 @@ class LocalExecutor:
 
     def kill(self, ranks: list[int]) -> None:
         """Make sure the processes of `ranks` (dead or hung) are gone — which also breaks any
-        survivor's pending exchange with them — and stop watching them until `replace`."""
+        survivor's pending exchange with them — and stop watching them until `replace`. A switch
+        under way is given up: its id is retired, so the failures its background work reports
+        now that a peer is gone (a pre-copy to the lost rank) are dropped, not taken for new ones."""
+        self._switch_id += 1
         for rank in ranks:
             if self.procs[rank].poll() is None:
                 self.procs[rank].kill()
