@@ -14,7 +14,7 @@ from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
 from remp.config import ModelConfig
 from remp.executor.local import LocalExecutor, WorkerReportedError
-from remp.kv.migration import plan_kv_migration
+from remp.kv.migration import plan_kv_migration, to_rows
 from remp.executor.messages import FAULT_ENV, SeqWork, StepCommand
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError
@@ -187,8 +187,7 @@ def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, refer
         first = decode_step(executor, 1, PROMPTS[0], 0, 0)
         executor.prepare(target, num_blocks=8, block_size=4)
         executor.answers("prepared", timeout_s=30)
-        wire = [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads]
-                for t in plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target)]
+        wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
         with pytest.raises(WorkerReportedError, match="worker 1 failed"):
             executor.commit(target, 1, 30, wire, [0, 1], [0, 99])
         executor.abort(timeout_s=30)
@@ -212,8 +211,7 @@ def test_a_lost_peer_retires_the_switch_so_its_background_failures_are_dropped(t
         first = decode_step(executor, 1, PROMPTS[0], 0, 0)
         executor.prepare(target, num_blocks=8, block_size=4)
         executor.answers("prepared", timeout_s=30)
-        wire = [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads]
-                for t in plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target)]
+        wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
         executor.precopy(wire, [0])
         executor.procs[1].wait(timeout=30)
         time.sleep(2)  # rank 0's report of its failed pre-copy is on its way, or in

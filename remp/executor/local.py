@@ -207,15 +207,15 @@ class LocalExecutor:
         that, the workers that did switch go back on `abort` (or when re-formed)."""
         assert not self.in_flight, "commit() with steps in flight"
         self._broadcast(CommitCommand(threads, transfers or [], src_blocks or [], dst_blocks or []))
-        answers = {r: m.info for r, m in self._wait_replies("committed", range(self.pool_size), timeout_s).items()}
+        answers = self.answers("committed", timeout_s)
         self._broadcast(ConfirmCommand())
         self.topology = topo
         return answers
 
     def abort(self, timeout_s: float) -> None:
-        """Drop every worker's prepared layout (a worker that committed already goes back). From now on replies of the abandoned switch are
-        dropped on arrival (its id is retired); those already filed are forgotten by the next
-        `prepare`."""
+        """Drop every worker's prepared layout (a worker that committed already goes back). From
+        now on replies of the abandoned switch are dropped on arrival (its id is retired); those
+        already filed are forgotten by the next `prepare`."""
         self._switch_id += 1
         self._broadcast(AbortCommand())
         self._wait_replies("aborted", range(self.pool_size), timeout_s)

@@ -61,9 +61,10 @@ class PrecopyCommand:
 @dataclass
 class CommitCommand:
     """In the pause: move the live KV not yet in place (transfers as in PrecopyCommand; block
-    src_blocks[i] of the old cache becomes dst_blocks[i] of the new; nothing when empty), then switch to the prepared layout (or go standby). One round trip.
-    The switch is tentative until a ConfirmCommand: an Abort or a Reform before then goes back
-    to the old layout, so a rank that fails here leaves no peer stranded on the new one."""
+    src_blocks[i] of the old cache becomes dst_blocks[i] of the new; nothing when empty), then
+    switch to the prepared layout (or go standby). One round trip. The switch is tentative until
+    a ConfirmCommand: an Abort or a Reform before then goes back to the old layout, so a rank that
+    fails here leaves no peer stranded on the new one."""
 
     threads: int
     transfers: list[list[int]] = field(default_factory=list)
@@ -124,7 +125,8 @@ class WorkerReply:
 
 
 _TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand, ConfirmCommand,
-                                        AbortCommand, DigestCommand, ReformCommand, ShutdownCommand, StepResult, WorkerReply)}
+                                        AbortCommand, DigestCommand, ReformCommand, ShutdownCommand, StepResult,
+                                        WorkerReply)}
 
 
 def encode(msg) -> bytes:

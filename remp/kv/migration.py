@@ -56,6 +56,11 @@ def plan_kv_migration(model: ModelConfig, old: Topology, new: Topology) -> list[
     return transfers
 
 
+def to_rows(transfers: list[KVTransfer]) -> list[list[int]]:
+    """The transfers as the control plane carries them (JSON rows; `KVTransfer(*row)` undoes it)."""
+    return [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads] for t in transfers]
+
+
 def bytes_moved(transfers: list[KVTransfer], num_blocks: int, block_size: int, head_dim: int,
                 dtype_bytes: int) -> int:
     """Bytes that cross between ranks (local copies excluded) for `num_blocks` live blocks."""

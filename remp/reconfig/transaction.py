@@ -8,16 +8,16 @@ precopy  still stepping, the workers copy the KV of every full block of the runn
          request holds it)
 pause    stop submitting steps and drain the ones in flight (their tokens are delivered)
 migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
-+commit  one round trip, every worker moves the KV slices of the live blocks not pre-copied
+& commit one round trip, every worker moves the KV slices of the live blocks not pre-copied
          (those still filling, and any handed out again since) to their new owners and
          switches to the target, tentatively until all have (then the engine confirms);
          block tables are renumbered if the cache shrank; stepping resumes
 
-Any error before the confirmation aborts: the prepared state is dropped, a worker that had switched goes
-back, and the old layout, whose shards, KV and groups were never touched, keeps serving. If the error is a worker that died
-or hung, it is replaced first (`LLMEngine.recover`): the survivors re-form the world with a
-fresh process in its rank and the old layout is rebuilt around it. Requests never leave the
-scheduler, so none is lost or duplicated.
+Any error before the confirmation aborts: the prepared state is dropped, a worker that had
+switched goes back, and the old layout, whose shards, KV and groups were never touched, keeps
+serving. If the error is a worker that died or hung, it is replaced first (`LLMEngine.recover`):
+the survivors re-form the world with a fresh process in its rank and the old layout is rebuilt
+around it. Requests never leave the scheduler, so none is lost or duplicated.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from remp.engine.outputs import RequestOutput
 from remp.executor.local import WorkerError
 from remp.kv.blocks import BlockManager
-from remp.kv.migration import bytes_moved, plan_kv_migration
+from remp.kv.migration import bytes_moved, plan_kv_migration, to_rows
 from remp.topology import Topology
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     t_plan = time.perf_counter()
     result.timings_s["plan"] = t_plan - t0
     executor = engine.executor
-    wire = [[t.layer, t.src_rank, t.dst_rank, t.src_head, t.dst_head, t.num_heads] for t in transfers]
+    wire = to_rows(transfers)
     per_block = bytes_moved(transfers, 1, engine.config.block_size, model.head_dim, engine.dtype.itemsize)
     try:
         executor.prepare(target, num_blocks, engine.config.block_size)
