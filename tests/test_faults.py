@@ -4,6 +4,7 @@ would have had anyway. Faults are injected with REMP_FAULT_INJECT (the worker SI
 SIGSTOPs itself at the named phase); the engine never passes it to a replacement."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -29,6 +30,7 @@ MAX_TOKENS = 12
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 SOURCE, TARGET = Topology(1, 2), Topology(2, 2)  # ranks 0, 1 serve; 2, 3 join for the target
 HANG_TIMEOUT_S = 4.0
+LONG_TOKENS = 240  # of the test server's 256 positions: a request that runs for a second or more
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,9 @@ def test_lost_worker_mid_switch_rolls_back_and_is_replaced(tiny_gqa, reference, 
         engine.shutdown()
 
 
-def worker_pids(port: int) -> list[int]:
-    """Worker processes of the `remp serve --port PORT` running on this machine."""
+def worker_pids(port: int) -> dict[int, int]:
+    """Rank -> pid of the worker processes of the `remp serve --port PORT` running on this machine
+    (a worker's command line carries its JSON spec, rank included)."""
     procs = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -98,7 +101,8 @@ def worker_pids(port: int) -> list[int]:
                 continue
             procs[int(entry.name)] = (cmdline, ppid)
     servers = {pid for pid, (cmd, _) in procs.items() if b"serve" in cmd and str(port).encode() in cmd}
-    return [pid for pid, (cmd, ppid) in procs.items() if ppid in servers and b"remp.worker.worker" in cmd]
+    return {json.loads(cmd[-2])["rank"]: pid for pid, (cmd, ppid) in procs.items()
+            if ppid in servers and b"remp.worker.worker" in cmd}
 
 
 def completion(url: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -> str:
@@ -113,11 +117,11 @@ def test_server_replaces_a_worker_killed_while_idle_and_mid_switch(tiny_gqa, tmp
     with remp_server(tiny_gqa, tmp_path / "serve.log", "--served-model-name", "tiny", "--worker-pool-size", "4",
                      "--pipeline-parallel-size", "2", "--worker-hang-timeout", str(HANG_TIMEOUT_S)) as url:
         expected = completion(url, PROMPTS[1])
-        expected_long = completion(url, PROMPTS[0], 80)
+        expected_long = completion(url, PROMPTS[0], LONG_TOKENS)
         # Killed while idle: replaced before the next request needs it.
         pids = worker_pids(int(url.rsplit(":", 1)[1]))
-        assert len(pids) == 4
-        os.kill(sorted(pids)[0], signal.SIGKILL)
+        assert sorted(pids) == [0, 1, 2, 3]
+        os.kill(pids[0], signal.SIGKILL)
         deadline = time.monotonic() + 120
         while 'remp:worker_replacements_total{model_name="tiny"} 1.0' not in httpx.get(f"{url}/metrics").text:
             assert time.monotonic() < deadline, "the dead worker was not replaced"
@@ -126,9 +130,13 @@ def test_server_replaces_a_worker_killed_while_idle_and_mid_switch(tiny_gqa, tmp
         assert completion(url, PROMPTS[1]) == expected
         # Killed mid-switch (rank 1 serves and dies as KV starts to move) with a request in
         # flight: 200 with the rollback and the replacement; the request recomputes and finishes.
+        # The switch starts once the request runs, and the request is long enough to still hold
+        # KV when the switch moves it (with none live, no KV moves and the fault never fires).
         with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(completion, url, PROMPTS[0], 80)
-            time.sleep(0.3)
+            in_flight = pool.submit(completion, url, PROMPTS[0], LONG_TOKENS)
+            while 'remp:num_requests_running{model_name="tiny"} 1.0' not in httpx.get(f"{url}/metrics").text:
+                assert not in_flight.done(), "the request finished before the switch began"
+                time.sleep(0.02)
             reply = httpx.post(f"{url}/v1/admin/reconfigure",
                                json={"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, timeout=300)
             assert in_flight.result() == expected_long
