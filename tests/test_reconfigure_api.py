@@ -64,6 +64,9 @@ def test_stream_in_flight_survives_switches(server, tiny_gqa):
         assert r.status_code == 200 and r.json()["outcome"] == "committed", r.text
     body = replies[0].json()
     assert set(body["timings_s"]) >= {"plan", "prepare", "drain", "migrate", "commit", "pause", "total"}
+    # The slowest worker's build, part by part, is a share of the prepare phase that waited for it.
+    assert set(body["build_s"]) == {"groups", "shard", "model", "kv"}
+    assert all(0 <= s <= body["timings_s"]["prepare"] for s in body["build_s"].values())
     assert body["source"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2}
     assert result["text"] == reference
     assert layout(server)["tensor_parallel_size"] == 1 and layout(server)["pipeline_parallel_size"] == 2

@@ -55,6 +55,9 @@ class ReconfigResult:
     num_kv_blocks: dict[str, int] = field(default_factory=dict)  # before / after
     preempted_request_ids: list[str] = field(default_factory=list)
     replaced_ranks: list[int] = field(default_factory=list)  # workers lost during the switch and restarted
+    # Of "prepare", what the slowest worker spent on each part of building the target:
+    # groups (first use of a layout only), shard, model, kv.
+    build_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +94,8 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
             executor.precopy(wire, sorted(copied))
         prepared = _serve_until(engine, on_outputs, "prepared", timeout_s)
         result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
+        result.build_s = {part: max(info.get("build_s", {}).get(part, 0.0) for info in prepared.values())
+                          for part in ("groups", "shard", "model", "kv")}
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
         if copied:

@@ -79,8 +79,10 @@ class Worker:
         """Build the target layout beside the steps that keep coming: its groups (collective over
         the pool: every rank's builder thread runs the preparations in command order), this
         rank's shard as views of the weight store, and its KV cache (layers in place are shared)."""
+        t0 = time.perf_counter()
         topo = Topology(cmd.tp, cmd.pp)
         group = self.groups.tp_group(topo)
+        t_groups = time.perf_counter()
         self.target = None
         self.block_size = cmd.block_size
         if self.loaded:
@@ -90,13 +92,18 @@ class Worker:
         old = self.model
         same_split = old is not None and old.topo.tp == topo.tp and old.tp_rank == topo.coords(self.rank)[1]
         weights = self.store.shard(self.model_config, topo, self.rank, self.dtype, reuse=old.w if same_split else None)
+        t_shard = time.perf_counter()
         model = StageModel(self.model_config, topo, self.rank, weights, group, self.hf_config, self.device)
+        t_model = time.perf_counter()
         copied = [w for k, w in model.w.items() if not (self.store.maps(w) or (same_split and old.w.get(k) is w))]
         kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
                      reuse=self.kv)
         self.target = (topo, model, kv)
+        t_kv = time.perf_counter()
         return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in copied),
-                "kv_layers_reused": sorted(kv.reused)}
+                "kv_layers_reused": sorted(kv.reused),
+                "build_s": {"groups": t_groups - t0, "shard": t_shard - t_groups, "model": t_model - t_shard,
+                            "kv": t_kv - t_model}}
 
     def migrate(self, rows: list[list[int]], src_blocks: list[int], dst_blocks: list[int]) -> dict:
         """Send the slices this rank holds to their new owners and receive its own: one buffer
