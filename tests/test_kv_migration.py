@@ -40,7 +40,8 @@ def test_plan_covers_every_new_slice_from_an_old_holder(cfg, old, new):
     assert set(got) == wanted
     for (layer, dst, head), src in got.items():  # keep in place when the destination already held it
         coords = old.coords(dst)
-        if coords and layer in old.layers_of(coords[0], cfg.num_layers) and head in old.kv_heads_of(coords[1], cfg.num_kv_heads):
+        if coords and layer in old.layers_of(coords[0], cfg.num_layers) and \
+                head in old.kv_heads_of(coords[1], cfg.num_kv_heads):
             assert src == dst
 
 

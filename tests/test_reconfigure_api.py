@@ -116,6 +116,7 @@ def test_cli_reconfigure(server):
     ok = subprocess.run(remp("reconfigure", "--url", server, "--tp", "1", "--pp", "4", "--api-key", KEY),
                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and ok.stdout.startswith("committed: ") and "-> tp1pp4" in ok.stdout, ok.stderr
+    assert "of prepare, the slowest worker's build: groups " in ok.stdout
     bad = subprocess.run(remp("reconfigure", "--url", server, "--tp", "3", "--pp", "1", "--api-key", KEY),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "HTTP 400" in bad.stderr

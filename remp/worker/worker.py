@@ -215,8 +215,9 @@ class Worker:
                 slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
         dev = self.device
         return Batch(input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(positions, device=dev),
-                     slots=torch.tensor(slots, device=dev), block_size=block_size, q_lens=[len(s.token_ids) for s in seqs],
-                     starts=[s.start for s in seqs], block_tables=[s.block_table for s in seqs], device=dev)
+                     slots=torch.tensor(slots, device=dev), block_size=block_size,
+                     q_lens=[len(s.token_ids) for s in seqs], starts=[s.start for s in seqs],
+                     block_tables=[s.block_table for s in seqs], device=dev)
 
     def step(self, cmd: StepCommand) -> StepResult | None:
         t0 = time.perf_counter()
@@ -226,7 +227,8 @@ class Worker:
         self._pending_sends = [w for w in self._pending_sends if not w.is_completed()]
         hidden = None
         if not model.is_first:
-            hidden = torch.empty(len(batch.input_ids), self.model_config.hidden_size, dtype=self.dtype, device=self.device)
+            hidden = torch.empty(len(batch.input_ids), self.model_config.hidden_size, dtype=self.dtype,
+                                 device=self.device)
             dist.recv(hidden, src=topo.rank(model.stage - 1, model.tp_rank))
         out = model.forward(batch, hidden, self.kv)
         if not model.is_last:
