@@ -140,7 +140,10 @@ class AsyncEngine:
     def _reconfigure(self, target: Topology, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
         try:
             outcome = (done.set_result, self.engine.reconfigure(target, self._pump))
-        except Exception as exc:  # an invalid target, or a failure the abort could not undo
+        except WorkerError as exc:  # the abort could not undo the switch: the pool is in doubt
+            loop.call_soon_threadsafe(self._settle, done, done.set_exception, exc)
+            raise  # to the loop, which replaces a lost worker or, with none lost, stops serving
+        except Exception as exc:  # an invalid target: nothing changed
             outcome = (done.set_exception, exc)
         loop.call_soon_threadsafe(self._settle, done, *outcome)
 

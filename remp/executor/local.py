@@ -178,7 +178,8 @@ class LocalExecutor:
         for rank in range(self.pool_size) if ranks is None else ranks:
             self._cmds[rank].send(data)
 
-    # layout changes: prepare (while serving) -> migrate -> commit, or abort
+    # layout changes: prepare -> precopy (both while serving) -> commit (carries the KV left for
+    # the pause) -> confirm, or abort
     def prepare(self, topo: Topology, num_blocks: int, block_size: int) -> None:
         """Ask every pool worker to get ready for `topo`; answers arrive while steps go on."""
         self._switch_id += 1
@@ -268,12 +269,10 @@ class LocalExecutor:
     def kv_digests(self, blocks: list[int], timeout_s: float = 60.0) -> dict[int, dict[str, str]]:
         """Per rank, sha1 of each (layer, KV head, block) slice it holds."""
         self._broadcast(DigestCommand(blocks))
-        return {r: m.info for r, m in self._wait_replies("digest", range(self.pool_size), timeout_s).items()}
+        return self.answers("digest", timeout_s)
 
     def submit(self, cmd: StepCommand) -> None:
-        data = encode(cmd)
-        for rank in range(self.topology.world_size):
-            self._cmds[rank].send(data)
+        self._broadcast(cmd, range(self.topology.world_size))
         self.in_flight.append(cmd.step_id)
 
     def next_result(self, timeout_s: float = 600.0) -> StepResult:

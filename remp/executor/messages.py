@@ -108,7 +108,6 @@ class StepResult:
     token_ids: list[int]
     logprobs: list[list[list[float]] | None]  # per sequence: [[token_id, logprob], ...], sampled first
     parse_s: float  # worker time spent turning the command into tensors
-    compute_s: float  # worker time from tensors to sampled tokens
 
 
 @dataclass
@@ -129,11 +128,15 @@ _TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyComm
                                         WorkerReply)}
 
 
-def encode(msg) -> bytes:
+Message = (StepCommand | PrepareCommand | PrecopyCommand | CommitCommand | ConfirmCommand | AbortCommand
+           | DigestCommand | ReformCommand | ShutdownCommand | StepResult | WorkerReply)
+
+
+def encode(msg: Message) -> bytes:
     return json.dumps({"t": type(msg).__name__, "b": asdict(msg)}, separators=(",", ":")).encode()
 
 
-def decode(data: bytes):
+def decode(data: bytes) -> Message:
     raw = json.loads(data)
     cls = _TYPES[raw["t"]]
     body = raw["b"]

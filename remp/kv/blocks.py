@@ -2,8 +2,9 @@
 
 The scheduler owns one pool of block ids shared by every layout: block b of a request
 means "positions b*block_size .. of this request" on whichever workers hold the layer and
-head slices under the current topology. Block tables therefore never change when the
-layout does; only the bytes behind them move.
+head slices under the current topology. Block tables therefore survive a layout change and
+only the bytes behind them move — unless the new cache holds fewer blocks than the highest
+live id, when the switch renumbers them (remp.reconfig.transaction._renumber).
 """
 from __future__ import annotations
 

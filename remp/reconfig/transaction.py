@@ -46,7 +46,8 @@ class ReconfigResult:
     source: dict
     target: dict
     reason: str | None = None
-    timings_s: dict[str, float] = field(default_factory=dict)  # plan, prepare, drain, pause (migrate + commit), total
+    # plan, prepare, precopy, drain, migrate, commit, pause (= migrate + commit), total
+    timings_s: dict[str, float] = field(default_factory=dict)
     kv_bytes_moved: int = 0  # crossed between ranks, pre-copy included
     kv_bytes_in_pause: int = 0  # the part of it moved in the pause
     weight_bytes_loaded: int = 0  # copied into target shards (0 where a shard is a view of the mapping)

@@ -1,6 +1,6 @@
 """A worker process: one rank of the pool.
 
-It joins the world group, opens the weight store and waits. Prepare / Migrate / Commit
+It joins the world group, opens the weight store and waits. Prepare / Precopy / Commit
 (or Abort) commands move it from one layout to another — or to standby — with live KV
 carried over (see remp.reconfig.transaction); each StepCommand runs this rank's layers for one step: stage
 0 embeds the tokens, inner stages receive the hidden state from the previous stage and
@@ -35,6 +35,8 @@ from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
 from remp.model.llama import Batch, StageModel
 from remp.parallel.groups import Groups, init_world
+from remp.topology import Topology
+from remp.weights.store import WeightStore
 
 HEARTBEAT_INTERVAL_S = 0.5
 
@@ -51,8 +53,6 @@ def inject_fault(phase: str, rank: int) -> None:
     when, who, action = spec.split(":")
     if when == phase and int(who) == rank:
         os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
-from remp.topology import Topology
-from remp.weights.store import WeightStore
 
 
 class Worker:
@@ -185,15 +185,15 @@ class Worker:
             torch.set_num_threads(threads)
         return {}
 
-    def reform(self, cmd: ReformCommand, rank: int, pool_size: int, backend: str) -> dict:
+    def reform(self, cmd: ReformCommand, pool_size: int, backend: str) -> dict:
         """Leave the world group a lost peer broke and join the new one. The layout, shard and KV
         stay (the next Prepare of the same layout reuses them) — the old ones when a commit was
         not confirmed yet (the switch failed in its pause); every group is rebuilt."""
         self.abort()
         self._pending_sends.clear()
         dist.destroy_process_group()
-        init_world(rank, pool_size, cmd.dist_init, backend)
-        self.groups = Groups(rank)
+        init_world(self.rank, pool_size, cmd.dist_init, backend)
+        self.groups = Groups(self.rank)
         return {}
 
     def control(self, msg: CommitCommand | AbortCommand | DigestCommand) -> tuple[str, dict]:
@@ -239,7 +239,7 @@ class Worker:
             return None
         tokens, logprobs = sample(logits[:, :self.model_config.vocab_size].float(), cmd.seqs)
         return StepResult(step_id=cmd.step_id, token_ids=tokens, logprobs=logprobs,
-                          parse_s=t1 - t0, compute_s=time.perf_counter() - t1)
+                          parse_s=t1 - t0)
 
     def _gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on the stage's first tensor rank, None elsewhere."""
@@ -290,14 +290,16 @@ def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) ->
     sock.setsockopt(zmq.SNDHWM, 2)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
-    while True:
-        try:
-            sock.send(encode(WorkerReply(rank=rank, kind="heartbeat", info={"t": time.monotonic()})), zmq.NOBLOCK)
-        except zmq.Again:  # nobody is draining beats right now; a fresh one follows
-            pass
-        if stop.wait(HEARTBEAT_INTERVAL_S):
-            break
-    sock.close()
+    try:
+        while True:
+            try:
+                sock.send(encode(WorkerReply(rank=rank, kind="heartbeat", info={"t": time.monotonic()})), zmq.NOBLOCK)
+            except zmq.Again:  # nobody is draining beats right now; a fresh one follows
+                pass
+            if stop.wait(HEARTBEAT_INTERVAL_S):
+                break
+    finally:
+        sock.close()  # an open socket would block ctx.term() at exit
 
 
 def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_addr: str, result_addr: str,
@@ -337,7 +339,10 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
             try:
                 info, reply_kind, message = {**work(), "switch": switch_id}, kind, ""
             except Exception as exc:
-                worker.abort()
+                # Drop only what the builder made: the layout in use (and one committed but not yet
+                # confirmed, whose Confirm may still wait in the main thread's inbox) is the main
+                # thread's, and an Abort from the engine restores it there.
+                worker.target = None
                 info = {"traceback": traceback.format_exc(), "switch": switch_id}
                 reply_kind, message = "error", f"{kind}: {type(exc).__name__}: {exc}"
             builder_out.send(encode(WorkerReply(rank=rank, kind=reply_kind, message=message, info=info)))
@@ -349,10 +354,12 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     # submitted before it: a control command acts on what the builder made.
     inbox: queue.SimpleQueue[tuple[object, Future | None]] = queue.SimpleQueue()
 
+    stop_receiving = threading.Event()  # set when the main loop ends, whatever ended it
+
     def receive() -> None:
         building: Future | None = None
         try:
-            while True:
+            while not stop_receiving.is_set():
                 if not cmds.poll(1000):
                     if os.getppid() != parent:
                         inbox.put((ShutdownCommand(), None))
@@ -399,7 +406,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 wait([building])
             try:
                 if isinstance(msg, ReformCommand):
-                    reply("reformed", worker.reform(msg, rank, pool_size, backend))
+                    reply("reformed", worker.reform(msg, pool_size, backend))
                     continue
                 if isinstance(msg, ConfirmCommand):
                     worker.previous = None
@@ -415,6 +422,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     finally:
         stop_beating.set()
         beats.join()
+        stop_receiving.set()
         if receiver.is_alive():
             receiver.join()
         builder.shutdown(wait=True)
