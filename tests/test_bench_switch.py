@@ -15,7 +15,7 @@ from remp.topology import Topology, TopologyError
 def _switch(source: str, target: str, pause_s: float, total_s: float, kv: int, outcome: str = "committed") -> Switch:
     return Switch(source=source, target=target, outcome=outcome, reason=None, pause_s=pause_s, total_s=total_s,
                   kv_bytes_moved=kv, kv_bytes_in_pause=kv // 4, weight_bytes_loaded=3 * 2**20, live_kv_blocks=2,
-                  preempted=0, timings_s={"pause": pause_s, "total": total_s})
+                  preempted=0, timings_s={"pause": pause_s, "total": total_s}, build_s={"groups": 0.001})
 
 
 def test_valid_layouts_of_tiny_gqa_on_four_workers(tiny_gqa):

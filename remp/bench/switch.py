@@ -61,6 +61,7 @@ class Switch:
     live_kv_blocks: int
     preempted: int
     timings_s: dict[str, float]  # every phase the server timed (plan, prepare, drain, migrate, commit, ...)
+    build_s: dict[str, float]  # of prepare, the slowest worker's build: groups, shard, model, kv
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> Switch:
@@ -78,6 +79,7 @@ class Switch:
             live_kv_blocks=reply["live_kv_blocks"],
             preempted=len(reply["preempted_request_ids"]),
             timings_s=timings,
+            build_s=reply.get("build_s") or {},
         )
 
 
@@ -171,9 +173,10 @@ async def walk_tour(session: aiohttp.ClientSession, base_url: str, tour: list[To
                 raise RuntimeError(f"reconfigure to {target} answered HTTP {response.status}: {reply}")
         switch = Switch.from_reply(reply)
         phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in switch.timings_s.items())
+        build = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in switch.build_s.items())
         print(f"  {switch.source} -> {switch.target}: {switch.outcome}, KV {switch.kv_bytes_moved / 2**20:.2f} MiB "
               f"({switch.kv_bytes_in_pause / 2**20:.2f} in the pause; {switch.live_kv_blocks} live blocks); "
-              f"ms: {phases}", flush=True)
+              f"ms: {phases}; build ms: {build}", flush=True)
         switches.append(switch)
     return switches
 
