@@ -24,6 +24,19 @@ def remp(*args: str) -> list[str]:
     return [sys.executable, "-m", "remp.cli", *args]
 
 
+def serve_pids(port: int) -> list[int]:
+    """The `remp serve --port PORT` processes running on this machine."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if b"remp.cli" in cmdline and b"serve" in cmdline and str(port).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
 @contextmanager
 def remp_server(model: str, log_path: Path, *extra: str) -> Iterator[str]:
     """Run `remp serve` until /health answers and yield its base URL; then SIGTERM it and

@@ -6,11 +6,12 @@ import asyncio
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import REPO, remp, remp_server
+from helpers import REPO, remp, remp_server, serve_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,36 @@ def test_admin_needs_the_key(server):
     before = layout(server)
     assert switch(server, 1, 1, headers={}).status_code == 401
     assert httpx.get(f"{server}/v1/admin/topology").status_code == 401
+    assert httpx.post(f"{server}/v1/admin/shutdown").status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200
     assert layout(server) == before
+
+
+def running(url: str) -> float:
+    return next(s.value for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+                for s in f.samples if s.name == "remp:num_requests_running")
+
+
+def test_shutdown_lets_the_stream_in_flight_finish_then_exits(tiny_gqa, tmp_path):
+    """POST /v1/admin/shutdown stops the server as Ctrl-C does: a stream it holds runs to the
+    end with the tokens it would have had, then the process (workers included) exits 0."""
+    with remp_server(tiny_gqa, tmp_path / "serve.log", "--api-key", KEY) as url:
+        reference = stream(url, tiny_gqa, 120)
+        result: dict = {}
+        worker = threading.Thread(target=lambda: result.update(text=stream(url, tiny_gqa, 120)))
+        worker.start()
+        while running(url) < 1:
+            assert worker.is_alive(), "the stream finished before the shutdown was sent"
+            time.sleep(0.02)
+        reply = httpx.post(f"{url}/v1/admin/shutdown", headers=AUTH)
+        assert reply.status_code == 200 and reply.json() == {"status": "shutting down"}
+        worker.join(timeout=120)
+        assert result["text"] == reference
+        port = int(url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while serve_pids(port):
+            assert time.monotonic() < deadline, "the server did not exit"
+            time.sleep(0.2)
 
 
 def test_cli_reconfigure(server):

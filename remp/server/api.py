@@ -15,6 +15,8 @@ import hmac
 import itertools
 import json
 import logging
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -25,6 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -135,6 +138,13 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
             raise APIError(400, str(exc)) from None
         metrics.record_reconfiguration(result)
         return Response(json.dumps(result.to_dict()), media_type="application/json")
+
+    @app.post("/v1/admin/shutdown")
+    async def shutdown() -> Response:
+        """Stop the server as Ctrl-C does, once this reply is out: it takes no new connections,
+        lets the requests it holds finish, then shuts the workers down and exits 0."""
+        return Response(json.dumps({"status": "shutting down"}), media_type="application/json",
+                        background=BackgroundTask(os.kill, os.getpid(), signal.SIGINT))
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
