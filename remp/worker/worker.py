@@ -283,6 +283,11 @@ def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
     return tokens, logprobs
 
 
+def _failure(exc: BaseException, doing: str = "") -> tuple[dict, str]:
+    """The info and message of an "error" reply: the traceback, and what failed while doing what."""
+    return {"traceback": traceback.format_exc()}, f"{doing}{type(exc).__name__}: {exc}"
+
+
 def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) -> None:
     """Beat on a socket of its own while the process runs: a worker blocked in a collective keeps
     beating, one that is stopped or wedged does not, which is how the engine tells them apart."""
@@ -343,8 +348,8 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 # confirmed, whose Confirm may still wait in the main thread's inbox) is the main
                 # thread's, and an Abort from the engine restores it there.
                 worker.target = None
-                info = {"traceback": traceback.format_exc(), "switch": switch_id}
-                reply_kind, message = "error", f"{kind}: {type(exc).__name__}: {exc}"
+                failure, message = _failure(exc, f"{kind}: ")
+                info, reply_kind = {**failure, "switch": switch_id}, "error"
             builder_out.send(encode(WorkerReply(rank=rank, kind=reply_kind, message=message, info=info)))
         return builder.submit(run)
 
@@ -397,7 +402,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 try:
                     result = worker.step(msg)
                 except Exception as exc:
-                    reply("error", {"traceback": traceback.format_exc()}, f"step: {type(exc).__name__}: {exc}")
+                    reply("error", *_failure(exc, "step: "))
                     continue
                 if result is not None:
                     results.send(encode(result))
@@ -414,10 +419,9 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 reply(*worker.control(msg))
             except Exception as exc:
                 worker.abort()
-                reply("error", {"traceback": traceback.format_exc()},
-                      f"{type(msg).__name__}: {type(exc).__name__}: {exc}")
+                reply("error", *_failure(exc, f"{type(msg).__name__}: "))
     except Exception as exc:  # a failed start-up (or a broken command socket): report, then die
-        reply("error", {"traceback": traceback.format_exc()}, f"{type(exc).__name__}: {exc}")
+        reply("error", *_failure(exc))
         raise
     finally:
         stop_beating.set()
