@@ -277,10 +277,12 @@ def _reconfigure(args: argparse.Namespace) -> int:
               f"tp{dst['tensor_parallel_size']}pp{dst['pipeline_parallel_size']}"
               + (f" ({data['reason']})" if data.get("reason") else ""))
         if t:
-            print("  " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items()))
-        if data.get("build_s"):
-            print("  of prepare, the slowest worker's build: "
-                  + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in data["build_s"].items()))
+            def ms(times: dict[str, float]) -> str:
+                return ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in times.items())
+
+            print(f"  {ms(t)}")
+            if data.get("build_s"):
+                print(f"  of prepare, the slowest worker's build: {ms(data['build_s'])}")
             print(f"  KV moved {data['kv_bytes_moved'] / 2**20:.2f} MiB, {data['kv_bytes_in_pause'] / 2**20:.2f} MiB "
                   f"of it in the pause ({data['live_kv_blocks']} live blocks, {data['precopied_kv_blocks']} "
                   f"pre-copied), weights copied {data['weight_bytes_loaded'] / 2**20:.1f} MiB, "
