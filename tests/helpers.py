@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from remp.bench.server_process import free_port
 
@@ -24,17 +25,32 @@ def remp(*args: str) -> list[str]:
     return [sys.executable, "-m", "remp.cli", *args]
 
 
-def serve_pids(port: int) -> list[int]:
-    """The `remp serve --port PORT` processes running on this machine."""
-    pids = []
+def processes() -> dict[int, tuple[list[bytes], int]]:
+    """pid -> (command line split at NULs, parent pid) of every live process on this machine
+    (a zombie's command line is empty)."""
+    procs = {}
     for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
-        except OSError:
-            continue
-        if b"remp.cli" in cmdline and b"serve" in cmdline and str(port).encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            procs[int(entry.name)] = (cmdline, ppid)
+    return procs
+
+
+def serve_pids(port: int, procs: dict[int, tuple[list[bytes], int]] | None = None) -> list[int]:
+    """The `remp serve --port PORT` processes among `procs` (default: running now)."""
+    procs = processes() if procs is None else procs
+    return [pid for pid, (cmd, _) in procs.items()
+            if b"remp.cli" in cmd and b"serve" in cmd and str(port).encode() in cmd]
+
+
+def requests_running(url: str) -> float:
+    """The server's remp:num_requests_running gauge."""
+    return next(s.value for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+                for s in f.samples if s.name == "remp:num_requests_running")
 
 
 @contextmanager

@@ -9,12 +9,11 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from helpers import remp_server
+from helpers import processes, remp_server, requests_running, serve_pids
 from transformers import AutoModelForCausalLM
 
 from remp.config import EngineConfig
@@ -91,16 +90,8 @@ def test_lost_worker_mid_switch_rolls_back_and_is_replaced(tiny_gqa, reference, 
 def worker_pids(port: int) -> dict[int, int]:
     """Rank -> pid of the worker processes of the `remp serve --port PORT` running on this machine
     (a worker's command line carries its JSON spec, rank included)."""
-    procs = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            procs[int(entry.name)] = (cmdline, ppid)
-    servers = {pid for pid, (cmd, _) in procs.items() if b"serve" in cmd and str(port).encode() in cmd}
+    procs = processes()
+    servers = set(serve_pids(port, procs))
     return {json.loads(cmd[-2])["rank"]: pid for pid, (cmd, ppid) in procs.items()
             if ppid in servers and b"remp.worker.worker" in cmd}
 
@@ -134,7 +125,7 @@ def test_server_replaces_a_worker_killed_while_idle_and_mid_switch(tiny_gqa, tmp
         # KV when the switch moves it (with none live, no KV moves and the fault never fires).
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(completion, url, PROMPTS[0], LONG_TOKENS)
-            while 'remp:num_requests_running{model_name="tiny"} 1.0' not in httpx.get(f"{url}/metrics").text:
+            while requests_running(url) < 1:
                 assert not in_flight.done(), "the request finished before the switch began"
                 time.sleep(0.02)
             reply = httpx.post(f"{url}/v1/admin/reconfigure",

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import REPO, remp, remp_server, serve_pids
+from helpers import REPO, remp, remp_server, requests_running, serve_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -115,11 +115,6 @@ def test_admin_needs_the_key(server):
     assert layout(server) == before
 
 
-def running(url: str) -> float:
-    return next(s.value for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-                for s in f.samples if s.name == "remp:num_requests_running")
-
-
 def test_shutdown_lets_the_stream_in_flight_finish_then_exits(tiny_gqa, tmp_path):
     """POST /v1/admin/shutdown stops the server as Ctrl-C does: a stream it holds runs to the
     end with the tokens it would have had, then the process (workers included) exits 0."""
@@ -128,7 +123,7 @@ def test_shutdown_lets_the_stream_in_flight_finish_then_exits(tiny_gqa, tmp_path
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(text=stream(url, tiny_gqa, 120)))
         worker.start()
-        while running(url) < 1:
+        while requests_running(url) < 1:
             assert worker.is_alive(), "the stream finished before the shutdown was sent"
             time.sleep(0.02)
         reply = httpx.post(f"{url}/v1/admin/shutdown", headers=AUTH)

@@ -95,8 +95,8 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
             executor.precopy(wire, sorted(copied))
         prepared = _serve_until(engine, on_outputs, "prepared", timeout_s)
         result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
-        result.build_s = {part: max(info.get("build_s", {}).get(part, 0.0) for info in prepared.values())
-                          for part in ("groups", "shard", "model", "kv")}
+        builds = [info["build_s"] for info in prepared.values() if "build_s" in info]  # standbys build nothing
+        result.build_s = {part: max(b[part] for b in builds) for part in (builds[0] if builds else {})}
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
         if copied:
