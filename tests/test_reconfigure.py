@@ -83,6 +83,34 @@ def test_every_switch_keeps_tokens_and_kv_bytes(engine, reference):
         assert [done[f"s{n}-{i}"].token_ids for i in range(len(PROMPTS))] == reference, str(target)
 
 
+def test_requests_arriving_during_a_switch_wait_for_the_target(engine, reference):
+    engine.reconfigure(Topology(1, 2), lambda outs: None)
+    done, admitting = {}, []
+
+    def book(outs):
+        done.update({o.request_id: o for o in outs if o.finished})
+
+    def book_during_switch(outs):
+        book(outs)
+        admitting.append(engine.scheduler.admitting)
+        if len(admitting) == 1:
+            engine.add_request("late", PROMPTS[1], GREEDY)
+
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"early{i}", p, GREEDY)
+    for _ in range(3):
+        book(engine.step())
+    result = engine.reconfigure(Topology(2, 1), book_during_switch)
+    assert result.outcome == "committed", result.reason
+    assert admitting and not any(admitting), "the switch steps the old layout, admitting no new prompt"
+    assert [s.request_id for s in engine.scheduler.waiting] == ["late"]
+    assert engine.scheduler.admitting
+    while engine.has_unfinished():
+        book(engine.step())
+    assert done["late"].token_ids == reference[1]
+    assert [done[f"early{i}"].token_ids for i in range(len(PROMPTS))] == reference
+
+
 def test_invalid_target_changes_nothing(engine):
     before = engine.topology
     for bad in [Topology(3, 1), Topology(1, 5), Topology(4, 2)]:

@@ -141,6 +141,24 @@ def test_scheduler_splits_ready_sequences_across_pipeline_slots():
     assert len(sched.schedule(2)) == 2 and len(sched.schedule(1)) == 2
 
 
+def test_scheduler_admits_no_prompt_while_a_switch_holds_admission():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = _seq(0, 3), _seq(1, 3)
+    sched.add(a)
+    for x in sched.schedule(1):
+        sched.step_done(x)
+    a.output_token_ids.append(1)
+    sched.add(b)
+    sched.admitting = False
+    held = sched.schedule(1)  # a keeps decoding, b waits
+    assert [x.seq for x in held] == [a] and list(sched.waiting) == [b]
+    for x in held:
+        sched.step_done(x)
+    a.output_token_ids.append(1)
+    sched.admitting = True
+    assert [x.seq for x in sched.schedule(1)] == [a, b]
+
+
 def test_detokenizer_holds_back_and_cuts_stop_strings(tiny_gqa):
     tok = AutoTokenizer.from_pretrained(tiny_gqa)
     detok = Detokenizer(tok)

@@ -69,6 +69,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions = 0
+        # Off while a layout switch prepares: a prompt admitted then would make the switch wait
+        # for its prefill (the longest step there is) and would move all its KV in the pause.
+        self.admitting = True
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -89,7 +92,7 @@ class Scheduler:
                 continue
             chosen.append(ScheduledSeq(seq, seq.num_tokens - 1, seq.token_ids_from(seq.num_tokens - 1)))
             budget -= 1
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.admitting and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_tokens
             if n > budget or not self.blocks.can_allocate(self.blocks.blocks_needed(n)):

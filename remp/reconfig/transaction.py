@@ -2,11 +2,12 @@
 
 plan     validate the target, size its KV cache, compute the KV migration plan
 prepare  every pool worker builds the target's groups, shard and KV cache (layers already in
-         place are shared) while the engine keeps stepping on the old layout
-precopy  still stepping, the workers copy the KV of every full block of the running requests
-         to its new owners (Llumnix-style: a full block is never written again while its
-         request holds it)
-pause    stop submitting steps and drain the ones in flight (their tokens are delivered)
+         place are shared) while the engine keeps stepping on the old layout; new requests
+         wait for the target (their prefill would hold the switch up for a long step)
+precopy  the workers copy the KV of every full block of the running requests to its new
+         owners (Llumnix-style: a full block is never written again while its request holds
+         it) while the engine drains the steps in flight, stepping on only if they run out first
+drain    stop submitting steps and collect those still in flight (their tokens are delivered)
 migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
 & commit one round trip, every worker moves the KV slices of the live blocks not pre-copied
          (those still filling, and any handed out again since) to their new owners and
@@ -88,19 +89,20 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     executor = engine.executor
     wire = to_rows(transfers)
     per_block = bytes_moved(transfers, 1, engine.config.block_size, model.head_dim, engine.dtype.itemsize)
+    engine.scheduler.admitting = False
     try:
         executor.prepare(target, num_blocks, engine.config.block_size)
         copied = _full_blocks(engine, num_blocks)
         if copied:  # queued behind the preparation on each worker: no wait for "prepared" first
             executor.precopy(wire, sorted(copied))
-        prepared = _serve_until(engine, on_outputs, "prepared", timeout_s)
+        prepared = _serve_until(engine, on_outputs, "prepared", timeout_s, drain=False)
         result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
         builds = [info["build_s"] for info in prepared.values() if "build_s" in info]  # standbys build nothing
         result.build_s = {part: max(b[part] for b in builds) for part in (builds[0] if builds else {})}
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
         if copied:
-            _serve_until(engine, on_outputs, "precopied", timeout_s)
+            _serve_until(engine, on_outputs, "precopied", timeout_s, drain=True)
         t_precopied = time.perf_counter()
         result.timings_s["precopy"] = t_precopied - t_prepared
         while executor.in_flight:
@@ -122,6 +124,8 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         _roll_back(engine, on_outputs, result, timeout_s)
         result.timings_s["total"] = time.perf_counter() - t0
         return result
+    finally:
+        engine.scheduler.admitting = True
     for seq in engine.scheduler.running:
         seq.block_ids = [remap[b] for b in seq.block_ids]
     engine.scheduler.blocks = BlockManager(num_blocks, engine.config.block_size, used=dst_blocks)
@@ -138,14 +142,19 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
 
 
 def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], kind: str,
-                 timeout_s: float) -> dict[int, dict]:
-    """Keep stepping the old layout until every pool worker has answered `kind`; their answers."""
+                 timeout_s: float, drain: bool) -> dict[int, dict]:
+    """Keep serving on the old layout until every pool worker has answered `kind`; their answers.
+    With `drain`, collect the steps in flight before submitting more: the pause needs an empty
+    pipeline, and a pipeline source empties it while the answers come (a step is the most to
+    wait for between two looks at the answers)."""
     executor = engine.executor
     since = time.monotonic()  # the executor's clock for heartbeats
     while not executor.has_replies(kind, range(executor.pool_size), since):
-        if engine.has_unfinished():
+        if drain and executor.in_flight:
+            on_outputs(engine.collect())
+        elif engine.scheduler.running or executor.in_flight:
             on_outputs(engine.step())
-        else:
+        else:  # idle, or only requests that wait for the target
             time.sleep(0.005)
         if time.monotonic() - since > timeout_s:
             raise TimeoutError(f"workers did not answer {kind!r} within {timeout_s:.0f} s")
