@@ -1,6 +1,7 @@
 """Helpers for end-to-end tests that run `remp` as a user would: real processes on 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,15 @@ def serve_pids(port: int, procs: dict[int, tuple[list[bytes], int]] | None = Non
     procs = processes() if procs is None else procs
     return [pid for pid, (cmd, _) in procs.items()
             if b"remp.cli" in cmd and b"serve" in cmd and str(port).encode() in cmd]
+
+
+def worker_pids(port: int) -> dict[int, int]:
+    """Rank -> pid of the worker processes of the `remp serve --port PORT` running on this machine
+    (a worker's command line carries its JSON spec, rank included)."""
+    procs = processes()
+    servers = set(serve_pids(port, procs))
+    return {json.loads(cmd[-2])["rank"]: pid for pid, (cmd, ppid) in procs.items()
+            if ppid in servers and b"remp.worker.worker" in cmd}
 
 
 def requests_running(url: str) -> float:

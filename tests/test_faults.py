@@ -4,7 +4,6 @@ would have had anyway. Faults are injected with REMP_FAULT_INJECT (the worker SI
 SIGSTOPs itself at the named phase); the engine never passes it to a replacement."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -13,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from helpers import processes, remp_server, requests_running, serve_pids
+from helpers import remp_server, requests_running, worker_pids
 from transformers import AutoModelForCausalLM
 
 from remp.config import EngineConfig
@@ -85,15 +84,6 @@ def test_lost_worker_mid_switch_rolls_back_and_is_replaced(tiny_gqa, reference, 
         assert engine.stats().num_worker_replacements == 1
     finally:
         engine.shutdown()
-
-
-def worker_pids(port: int) -> dict[int, int]:
-    """Rank -> pid of the worker processes of the `remp serve --port PORT` running on this machine
-    (a worker's command line carries its JSON spec, rank included)."""
-    procs = processes()
-    servers = set(serve_pids(port, procs))
-    return {json.loads(cmd[-2])["rank"]: pid for pid, (cmd, ppid) in procs.items()
-            if ppid in servers and b"remp.worker.worker" in cmd}
 
 
 def completion(url: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -> str:

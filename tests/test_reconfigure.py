@@ -111,6 +111,27 @@ def test_requests_arriving_during_a_switch_wait_for_the_target(engine, reference
     assert [done[f"early{i}"].token_ids for i in range(len(PROMPTS))] == reference
 
 
+def test_a_switch_starts_with_a_step_in_flight(engine, reference):
+    engine.reconfigure(Topology(1, 1), lambda outs: None)
+    done = {}
+
+    def book(outs):
+        done.update({o.request_id: o for o in outs if o.finished})
+
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"mid{i}", p, GREEDY)
+    for _ in range(3):
+        book(engine.step())
+    engine.fill()
+    assert engine.executor.in_flight
+    result = engine.reconfigure(Topology(2, 2), book)
+    assert result.outcome == "committed", result.reason
+    assert result.timings_s["queued"] == 0 and result.timings_s["total"] >= result.timings_s["prepare"]
+    while engine.has_unfinished():
+        book(engine.step())
+    assert [done[f"mid{i}"].token_ids for i in range(len(PROMPTS))] == reference
+
+
 def test_invalid_target_changes_nothing(engine):
     before = engine.topology
     for bad in [Topology(3, 1), Topology(1, 5), Topology(4, 2)]:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import REPO, remp, remp_server, requests_running, serve_pids
+from helpers import REPO, remp, remp_server, requests_running, serve_pids, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -74,6 +77,38 @@ def test_stream_in_flight_survives_switches(server, tiny_gqa):
     samples = {(s.name, s.labels.get("outcome")): s.value for f in
                text_string_to_metric_families(httpx.get(f"{server}/metrics").text) for s in f.samples}
     assert samples[("remp:reconfigurations_total", "committed")] >= 3
+
+
+def test_a_switch_does_not_wait_for_the_step_under_way(server, tiny_gqa):
+    """A switch asked for while a step runs starts at once, preparing beside that step. The step is
+    held up by stopping its last stage's worker for HELD_S: had the switch waited for it to end,
+    it would have queued for all of that."""
+    held_s = 1.5
+    reference = stream(server, tiny_gqa, 240)
+    result: dict = {}
+    reader = threading.Thread(target=lambda: result.update(text=stream(server, tiny_gqa, 240)))
+    reader.start()
+    while requests_running(server) < 1:
+        assert reader.is_alive(), "the request finished before the switch began"
+        time.sleep(0.01)
+    last_stage = worker_pids(int(server.rsplit(":", 1)[1]))[max(layout(server)["active_ranks"])]
+    os.kill(last_stage, signal.SIGSTOP)
+    try:
+        assert requests_running(server) == 1, "the request is mid-generation, its step cannot end"
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(switch, server, 2, 2)
+            time.sleep(held_s)
+            os.kill(last_stage, signal.SIGCONT)
+            reply = reply.result()
+    finally:
+        os.kill(last_stage, signal.SIGCONT)
+    reader.join(timeout=300)
+    assert reply.status_code == 200 and reply.json()["outcome"] == "committed", reply.text
+    timings = reply.json()["timings_s"]
+    assert timings["queued"] < held_s / 3, timings
+    assert timings["total"] > held_s / 2, timings  # it did wait for that step (and that worker) to pause
+    assert result["text"] == reference
+    assert switch(server, 1, 2).json()["outcome"] == "committed"
 
 
 @pytest.mark.parametrize("tp,pp,reason", [(3, 1, "does not divide"), (1, 5, "exceeds the 4 layers"),

@@ -113,7 +113,7 @@ class AsyncEngine:
         self._reconfiguring = True
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._inbox.put(("reconfigure", target, loop, done))
+        self._inbox.put(("reconfigure", target, loop, done, time.perf_counter()))
         return await asyncio.shield(done)
 
     def _deliver(self, request_id: str, item) -> None:
@@ -137,9 +137,17 @@ class AsyncEngine:
         except queue.Empty:
             pass
 
-    def _reconfigure(self, target: Topology, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+    def _switch_waiting(self) -> bool:
+        """Asked every few ms while a step runs: take in what arrived, and say whether a switch now
+        waits. It then starts at once, its preparation beside the step under way, rather than after
+        that step (which the switch would otherwise wait out and then also wait for the next one)."""
+        self._pump([])
+        return bool(self._deferred)
+
+    def _reconfigure(self, target: Topology, loop: asyncio.AbstractEventLoop, done: asyncio.Future,
+                     requested_at: float) -> None:
         try:
-            outcome = (done.set_result, self.engine.reconfigure(target, self._pump))
+            outcome = (done.set_result, self.engine.reconfigure(target, self._pump, requested_at))
         except WorkerError as exc:  # the abort could not undo the switch: the pool is in doubt
             loop.call_soon_threadsafe(self._settle, done, done.set_exception, exc)
             raise  # to the loop, which replaces a lost worker or, with none lost, stops serving
@@ -180,7 +188,7 @@ class AsyncEngine:
                             self._handle(self._inbox.get(timeout=0.1))
                         except queue.Empty:
                             continue
-                    self._pump(self.engine.step())
+                    self._pump(self.engine.step(interrupt=self._switch_waiting))
                     idle_since = time.monotonic()
                 except WorkerError:
                     if not self.engine.executor.failed_ranks():
@@ -205,7 +213,7 @@ class AsyncEngine:
             pass
         for msg in pending:
             if msg[0] == "reconfigure":
-                _, _, loop, done = msg
+                _, _, loop, done, _ = msg
                 loop.call_soon_threadsafe(self._settle, done, done.set_exception, EngineDeadError(str(exc)))
         for request_id in list(self._streams):
             self._deliver(request_id, exc)

@@ -157,19 +157,27 @@ class LLMEngine:
         self._submit_times[step_id] = time.perf_counter()
         self.control_plane_s += self._submit_times[step_id] - t0
 
-    def step(self) -> list[RequestOutput]:
-        """Fill the pipeline, then book the oldest step's tokens."""
+    def step(self, interrupt: Callable[[], bool] | None = None) -> list[RequestOutput]:
+        """Fill the pipeline, then book the oldest step's tokens (see `collect` for `interrupt`)."""
+        self.fill()
+        return self.collect(interrupt) if self.executor.in_flight else []
+
+    def fill(self) -> None:
+        """Submit steps until the pipeline holds pp of them or nothing more can be scheduled."""
         pp = self.topology.pp
         while len(self.executor.in_flight) < pp:
             items = self.scheduler.schedule(pp - len(self.executor.in_flight))
             if not items:
                 break
             self._submit(items)
-        return self.collect() if self.executor.in_flight else []
 
-    def collect(self) -> list[RequestOutput]:
-        """Wait for the oldest step in flight and book its tokens (submits nothing)."""
-        result = self.executor.next_result()
+    def collect(self, interrupt: Callable[[], bool] | None = None) -> list[RequestOutput]:
+        """Wait for the oldest step in flight and book its tokens (submits nothing). If
+        `interrupt()`, asked while waiting, turns true, return nothing and leave the step in
+        flight: the next `step` or `collect` books it."""
+        result = self.executor.next_result(interrupt=interrupt)
+        if result is None:
+            return []
         self.step_wall_s += time.perf_counter() - self._submit_times.pop(result.step_id)
         self.control_plane_s += result.parse_s
         self.step_count += 1
@@ -210,9 +218,11 @@ class LLMEngine:
                              logprobs=list(seq.logprobs) if p.logprobs is not None else None, metrics=m,
                              num_preemptions=seq.num_preemptions)
 
-    def reconfigure(self, target: Topology, on_outputs: Callable[[list[RequestOutput]], None]) -> ReconfigResult:
-        """Switch the layout live (see remp.reconfig.transaction); call between steps."""
-        return run_transaction(self, target, on_outputs)
+    def reconfigure(self, target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
+                    requested_at: float | None = None) -> ReconfigResult:
+        """Switch the layout live (see remp.reconfig.transaction); steps may be in flight.
+        `requested_at` (time.perf_counter) is when the switch was asked for, if before this call."""
+        return run_transaction(self, target, on_outputs, requested_at=requested_at)
 
     def recover(self, on_outputs: Callable[[list[RequestOutput]], None]) -> Recovery:
         """Replace every worker that died or hung and serve on at the current layout. If all lost

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import zmq
 
@@ -112,11 +112,14 @@ class LocalExecutor:
             raise WorkerReportedError(f"worker {msg.rank} failed: {msg.message}")
         return msg
 
-    def _recv(self, timeout_s: float):
-        """Next message from any worker; raises WorkerError if a worker dies or hangs, or time runs out."""
+    def _recv(self, timeout_s: float, interrupt: Callable[[], bool] | None = None):
+        """Next message from any worker, or None as soon as `interrupt()` (asked every 10 ms) is
+        true; raises WorkerError if a worker dies or hangs, or time runs out."""
         deadline = time.monotonic() + timeout_s
         waiting_since = time.monotonic()
-        while (msg := self._poll(100)) is None:
+        while (msg := self._poll(100 if interrupt is None else 10)) is None:
+            if interrupt is not None and interrupt():
+                return None
             self.check_workers(waiting_since)
             if time.monotonic() > deadline:
                 raise WorkerError(f"no answer from the workers within {timeout_s:.0f} s")
@@ -193,7 +196,8 @@ class LocalExecutor:
 
     def precopy(self, transfers: list[list[int]], blocks: list[int]) -> None:
         """Ask every pool worker to copy the KV of `blocks` (which keep their ids) into the
-        prepared layout now; answers ("precopied") arrive while steps go on."""
+        prepared layout once it is built; answers ("precopied") arrive while steps go on, or, if
+        the commit comes first, before the commit's."""
         self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id))
 
     def answers(self, kind: str, timeout_s: float) -> dict[int, dict]:
@@ -275,11 +279,15 @@ class LocalExecutor:
         self._broadcast(cmd, range(self.topology.world_size))
         self.in_flight.append(cmd.step_id)
 
-    def next_result(self, timeout_s: float = 600.0) -> StepResult:
-        """The result of the oldest step in flight (steps complete in submission order)."""
+    def next_result(self, timeout_s: float = 600.0, interrupt: Callable[[], bool] | None = None) -> StepResult | None:
+        """The result of the oldest step in flight (steps complete in submission order); None, with
+        the step still in flight, if `interrupt()` turned true first."""
         step_id = self.in_flight[0]
         while step_id not in self._early:
-            self._take(self._recv(timeout_s))
+            msg = self._recv(timeout_s, interrupt)
+            if msg is None:
+                return None
+            self._take(msg)
         self.in_flight.popleft()
         return self._early.pop(step_id)
 

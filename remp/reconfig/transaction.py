@@ -1,18 +1,19 @@
 """A live layout switch as a transaction.
 
-plan     validate the target, size its KV cache, compute the KV migration plan
+plan     validate the target, size its KV cache, compute the KV migration plan; this may
+         start while a step is in flight (the engine looks for switches while it waits)
 prepare  every pool worker builds the target's groups, shard and KV cache (layers already in
-         place are shared) while the engine keeps stepping on the old layout; new requests
-         wait for the target (their prefill would hold the switch up for a long step)
-precopy  the workers copy the KV of every full block of the running requests to its new
-         owners (Llumnix-style: a full block is never written again while its request holds
-         it) while the engine drains the steps in flight, stepping on only if they run out first
-drain    stop submitting steps and collect those still in flight (their tokens are delivered)
+         place are shared), then pre-copies the KV of every full block of the running
+         requests to its new owners (Llumnix-style: a full block is never written again while
+         its request holds it); meanwhile the engine keeps stepping on the old layout, and new
+         requests wait for the target (their prefill would hold the switch up for a long step)
+drain    once every worker has prepared: submit no more steps, collect those in flight (their
+         tokens are delivered); the pre-copy goes on
 migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
-& commit one round trip, every worker moves the KV slices of the live blocks not pre-copied
-         (those still filling, and any handed out again since) to their new owners and
-         switches to the target, tentatively until all have (then the engine confirms);
-         block tables are renumbered if the cache shrank; stepping resumes
+& commit one round trip, every worker ends its pre-copy if it still runs, moves the KV slices of
+         the live blocks not pre-copied (those still filling, and any handed out again since)
+         to their new owners and switches to the target, tentatively until all have (then the
+         engine confirms); block tables are renumbered if the cache shrank; stepping resumes
 
 Any error before the confirmation aborts: the prepared state is dropped, a worker that had
 switched goes back, and the old layout, whose shards, KV and groups were never touched, keeps
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from remp.engine.llm_engine import LLMEngine
 
 
+_PRECOPY_DONE_S = 0.0005  # a commit that waited less for the pre-copy found it done (waiting costs ~us)
+
+
 class ReconfigInProgress(RuntimeError):
     """A second switch was asked for while one runs."""
 
@@ -47,13 +51,13 @@ class ReconfigResult:
     source: dict
     target: dict
     reason: str | None = None
-    # plan, prepare, precopy, drain, migrate, commit, pause (= migrate + commit), total
+    # queued, plan, prepare, drain, migrate, commit, pause (= migrate + commit), total (all of them)
     timings_s: dict[str, float] = field(default_factory=dict)
     kv_bytes_moved: int = 0  # crossed between ranks, pre-copy included
-    kv_bytes_in_pause: int = 0  # the part of it moved in the pause
+    kv_bytes_in_pause: int = 0  # the part of it moved in the pause (all of it if the pre-copy ran into the pause)
     weight_bytes_loaded: int = 0  # copied into target shards (0 where a shard is a view of the mapping)
     live_kv_blocks: int = 0
-    precopied_kv_blocks: int = 0  # of the live blocks, those whose KV was in place before the pause
+    precopied_kv_blocks: int = 0  # of the live blocks, those whose KV the pre-copy moved
     num_kv_blocks: dict[str, int] = field(default_factory=dict)  # before / after
     preempted_request_ids: list[str] = field(default_factory=list)
     replaced_ranks: list[int] = field(default_factory=list)  # workers lost during the switch and restarted
@@ -70,10 +74,13 @@ def _layout(topo: Topology) -> dict:
 
 
 def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
-                    timeout_s: float = 120.0) -> ReconfigResult:
+                    timeout_s: float = 120.0, requested_at: float | None = None) -> ReconfigResult:
     """Switch `engine` to `target` while it serves; outputs produced meanwhile go to `on_outputs`.
+    Steps may be in flight: the preparation runs beside them. `requested_at` (time.perf_counter)
+    is when the switch was asked for; the wait until now is "queued" and counts in "total".
     Raises TopologyError / ValueError (nothing changed) for a target that cannot run."""
     t0 = time.perf_counter()
+    t_asked = t0 if requested_at is None else min(requested_at, t0)
     source = engine.topology
     model = engine.model_config
     target.validate(model, engine.config.pool_size)
@@ -85,6 +92,7 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     old_blocks = engine.scheduler.blocks
     result.num_kv_blocks = {"before": old_blocks.num_blocks, "after": num_blocks}
     t_plan = time.perf_counter()
+    result.timings_s["queued"] = t0 - t_asked
     result.timings_s["plan"] = t_plan - t0
     executor = engine.executor
     wire = to_rows(transfers)
@@ -95,20 +103,16 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         copied = _full_blocks(engine, num_blocks)
         if copied:  # queued behind the preparation on each worker: no wait for "prepared" first
             executor.precopy(wire, sorted(copied))
-        prepared = _serve_until(engine, on_outputs, "prepared", timeout_s, drain=False)
+        prepared = _serve_until(engine, on_outputs, "prepared", timeout_s)
         result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
         builds = [info["build_s"] for info in prepared.values() if "build_s" in info]  # standbys build nothing
         result.build_s = {part: max(b[part] for b in builds) for part in (builds[0] if builds else {})}
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
-        if copied:
-            _serve_until(engine, on_outputs, "precopied", timeout_s, drain=True)
-        t_precopied = time.perf_counter()
-        result.timings_s["precopy"] = t_precopied - t_prepared
-        while executor.in_flight:
+        while executor.in_flight:  # the pre-copy goes on meanwhile
             on_outputs(engine.collect())
         t_paused = time.perf_counter()
-        result.timings_s["drain"] = t_paused - t_precopied
+        result.timings_s["drain"] = t_paused - t_prepared
         result.preempted_request_ids = engine.scheduler.shrink_to(num_blocks)
         src_blocks = sorted(b for seq in engine.scheduler.running for b in seq.block_ids)
         remap = _renumber(src_blocks, num_blocks)
@@ -118,11 +122,13 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         result.precopied_kv_blocks = len(src_blocks) - len(left)
         committed = executor.commit(target, engine.threads_for(target), timeout_s, wire, left,
                                     [remap[b] for b in left])
+        if copied:  # each worker ended its pre-copy before its commit: the answers are in or on their way
+            executor.answers("precopied", timeout_s)
     except Exception as exc:
         result.outcome = "rolled_back"
         result.reason = f"{type(exc).__name__}: {exc}"
         _roll_back(engine, on_outputs, result, timeout_s)
-        result.timings_s["total"] = time.perf_counter() - t0
+        result.timings_s["total"] = time.perf_counter() - t_asked
         return result
     finally:
         engine.scheduler.admitting = True
@@ -132,27 +138,25 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     t_end = time.perf_counter()
     result.outcome = "committed"
     result.kv_bytes_moved = per_block * (len(copied) + len(left))
-    result.kv_bytes_in_pause = per_block * len(left)
-    # One round trip does both: the slowest rank's migration is "migrate", the rest "commit".
-    result.timings_s["migrate"] = max(info["migrate_s"] for info in committed.values())
+    # A worker whose pre-copy was still running when the commit came finished it first, in the pause.
+    precopy_in_pause = max(info["waited_s"] for info in committed.values()) > _PRECOPY_DONE_S
+    result.kv_bytes_in_pause = result.kv_bytes_moved if precopy_in_pause else per_block * len(left)
+    # One round trip does both: the slowest rank's migration (the end of its pre-copy, then the KV
+    # left) is "migrate", the rest "commit".
+    result.timings_s["migrate"] = max(info["waited_s"] + info["migrate_s"] for info in committed.values())
     result.timings_s["commit"] = t_end - t_paused - result.timings_s["migrate"]
     result.timings_s["pause"] = t_end - t_paused
-    result.timings_s["total"] = t_end - t0
+    result.timings_s["total"] = t_end - t_asked
     return result
 
 
 def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], kind: str,
-                 timeout_s: float, drain: bool) -> dict[int, dict]:
-    """Keep serving on the old layout until every pool worker has answered `kind`; their answers.
-    With `drain`, collect the steps in flight before submitting more: the pause needs an empty
-    pipeline, and a pipeline source empties it while the answers come (a step is the most to
-    wait for between two looks at the answers)."""
+                 timeout_s: float) -> dict[int, dict]:
+    """Keep serving on the old layout until every pool worker has answered `kind`; their answers."""
     executor = engine.executor
     since = time.monotonic()  # the executor's clock for heartbeats
     while not executor.has_replies(kind, range(executor.pool_size), since):
-        if drain and executor.in_flight:
-            on_outputs(engine.collect())
-        elif engine.scheduler.running or executor.in_flight:
+        if engine.scheduler.running or executor.in_flight:
             on_outputs(engine.step())
         else:  # idle, or only requests that wait for the target
             time.sleep(0.005)
