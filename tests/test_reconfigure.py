@@ -4,6 +4,7 @@ nothing. One pool of 4 workers walks every ordered pair of the six layouts in on
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -46,6 +47,21 @@ def full_blocks(engine: LLMEngine) -> dict[str, int]:
             for i, b in enumerate(seq.block_ids[:seq.num_computed // bs])}
 
 
+def start_prompts(engine: LLMEngine, tag: str, steps: int = 3) -> tuple[dict, Callable[[list], None]]:
+    """Add PROMPTS as requests `tag`0.. and step `steps` times; returns the finished outputs by
+    request id (filled as they finish) and the callback that books them."""
+    done: dict = {}
+
+    def book(outs: list) -> None:
+        done.update({o.request_id: o for o in outs if o.finished})
+
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"{tag}{i}", p, GREEDY)
+    for _ in range(steps):
+        book(engine.step())
+    return done, book
+
+
 def test_every_switch_keeps_tokens_and_kv_bytes(engine, reference):
     tour = switch_tour(LAYOUTS)
     assert len(tour) == len(LAYOUTS) * (len(LAYOUTS) - 1) + 1
@@ -85,10 +101,8 @@ def test_every_switch_keeps_tokens_and_kv_bytes(engine, reference):
 
 def test_requests_arriving_during_a_switch_wait_for_the_target(engine, reference):
     engine.reconfigure(Topology(1, 2), lambda outs: None)
-    done, admitting = {}, []
-
-    def book(outs):
-        done.update({o.request_id: o for o in outs if o.finished})
+    done, book = start_prompts(engine, "early")
+    admitting = []
 
     def book_during_switch(outs):
         book(outs)
@@ -96,10 +110,6 @@ def test_requests_arriving_during_a_switch_wait_for_the_target(engine, reference
         if len(admitting) == 1:
             engine.add_request("late", PROMPTS[1], GREEDY)
 
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(f"early{i}", p, GREEDY)
-    for _ in range(3):
-        book(engine.step())
     result = engine.reconfigure(Topology(2, 1), book_during_switch)
     assert result.outcome == "committed", result.reason
     assert admitting and not any(admitting), "the switch steps the old layout, admitting no new prompt"
@@ -113,15 +123,7 @@ def test_requests_arriving_during_a_switch_wait_for_the_target(engine, reference
 
 def test_a_switch_starts_with_a_step_in_flight(engine, reference):
     engine.reconfigure(Topology(1, 1), lambda outs: None)
-    done = {}
-
-    def book(outs):
-        done.update({o.request_id: o for o in outs if o.finished})
-
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(f"mid{i}", p, GREEDY)
-    for _ in range(3):
-        book(engine.step())
+    done, book = start_prompts(engine, "mid")
     engine.fill()
     assert engine.executor.in_flight
     result = engine.reconfigure(Topology(2, 2), book)

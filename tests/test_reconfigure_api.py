@@ -50,6 +50,18 @@ def stream(url: str, model: str, max_tokens: int) -> str:
     return "".join(text)
 
 
+def stream_running(url: str, model: str, max_tokens: int) -> tuple[threading.Thread, dict]:
+    """Start `stream` on a thread and return once the server runs it: the thread, and the dict
+    that gets its text under "text"."""
+    result: dict = {}
+    reader = threading.Thread(target=lambda: result.update(text=stream(url, model, max_tokens)))
+    reader.start()
+    while requests_running(url) < 1:
+        assert reader.is_alive(), "the stream finished before it was seen running"
+        time.sleep(0.01)
+    return reader, result
+
+
 def test_topology_reports_active_and_standby(server):
     reply = layout(server)
     assert reply.pop("num_kv_blocks") > 0
@@ -85,12 +97,7 @@ def test_a_switch_does_not_wait_for_the_step_under_way(server, tiny_gqa):
     it would have queued for all of that."""
     held_s = 1.5
     reference = stream(server, tiny_gqa, 240)
-    result: dict = {}
-    reader = threading.Thread(target=lambda: result.update(text=stream(server, tiny_gqa, 240)))
-    reader.start()
-    while requests_running(server) < 1:
-        assert reader.is_alive(), "the request finished before the switch began"
-        time.sleep(0.01)
+    reader, result = stream_running(server, tiny_gqa, 240)
     last_stage = worker_pids(int(server.rsplit(":", 1)[1]))[max(layout(server)["active_ranks"])]
     os.kill(last_stage, signal.SIGSTOP)
     try:
@@ -155,15 +162,10 @@ def test_shutdown_lets_the_stream_in_flight_finish_then_exits(tiny_gqa, tmp_path
     end with the tokens it would have had, then the process (workers included) exits 0."""
     with remp_server(tiny_gqa, tmp_path / "serve.log", "--api-key", KEY) as url:
         reference = stream(url, tiny_gqa, 120)
-        result: dict = {}
-        worker = threading.Thread(target=lambda: result.update(text=stream(url, tiny_gqa, 120)))
-        worker.start()
-        while requests_running(url) < 1:
-            assert worker.is_alive(), "the stream finished before the shutdown was sent"
-            time.sleep(0.02)
+        reader, result = stream_running(url, tiny_gqa, 120)
         reply = httpx.post(f"{url}/v1/admin/shutdown", headers=AUTH)
         assert reply.status_code == 200 and reply.json() == {"status": "shutting down"}
-        worker.join(timeout=120)
+        reader.join(timeout=120)
         assert result["text"] == reference
         port = int(url.rsplit(":", 1)[1])
         deadline = time.monotonic() + 60

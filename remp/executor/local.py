@@ -196,8 +196,7 @@ class LocalExecutor:
 
     def precopy(self, transfers: list[list[int]], blocks: list[int]) -> None:
         """Ask every pool worker to copy the KV of `blocks` (which keep their ids) into the
-        prepared layout once it is built; answers ("precopied") arrive while steps go on, or, if
-        the commit comes first, before the commit's."""
+        prepared layout once it is built; answers ("precopied") arrive while steps go on."""
         self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id))
 
     def answers(self, kind: str, timeout_s: float) -> dict[int, dict]:

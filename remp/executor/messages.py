@@ -60,9 +60,8 @@ class PrecopyCommand:
 
 @dataclass
 class CommitCommand:
-    """In the pause: end the pre-copy if it still runs (the reply's "waited_s"), move the live KV
-    not yet in place (transfers as in PrecopyCommand; block src_blocks[i] of the old cache becomes
-    dst_blocks[i] of the new; nothing when empty), then
+    """In the pause: move the live KV not yet in place (transfers as in PrecopyCommand; block
+    src_blocks[i] of the old cache becomes dst_blocks[i] of the new; nothing when empty), then
     switch to the prepared layout (or go standby). One round trip. The switch is tentative until
     a ConfirmCommand: an Abort or a Reform before then goes back to the old layout, so a rank that
     fails here leaves no peer stranded on the new one."""

@@ -10,10 +10,11 @@ prepare  every pool worker builds the target's groups, shard and KV cache (layer
 drain    once every worker has prepared: submit no more steps, collect those in flight (their
          tokens are delivered); the pre-copy goes on
 migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
-& commit one round trip, every worker ends its pre-copy if it still runs, moves the KV slices of
-         the live blocks not pre-copied (those still filling, and any handed out again since)
-         to their new owners and switches to the target, tentatively until all have (then the
-         engine confirms); block tables are renumbered if the cache shrank; stepping resumes
+& commit the engine waits for a pre-copy still running; then, in one round trip, every worker
+         moves the KV slices of the live blocks not pre-copied (those still filling, and any
+         handed out again since) to their new owners and switches to the target, tentatively
+         until all have (then the engine confirms); block tables are renumbered if the cache
+         shrank; stepping resumes
 
 Any error before the confirmation aborts: the prepared state is dropped, a worker that had
 switched goes back, and the old layout, whose shards, KV and groups were never touched, keeps
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from remp.engine.llm_engine import LLMEngine
 
 
-_PRECOPY_DONE_S = 0.0005  # a commit that waited less for the pre-copy found it done (waiting costs ~us)
+_PRECOPY_DONE_S = 0.001  # a pause that waited less for the pre-copy found it done (reading its answers)
 
 
 class ReconfigInProgress(RuntimeError):
@@ -120,10 +121,15 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         left = [b for b in src_blocks if copied.get(b) != engine.scheduler.blocks.handouts(b)]
         result.live_kv_blocks = len(src_blocks)
         result.precopied_kv_blocks = len(src_blocks) - len(left)
+        # A pre-copy still running ends in the pause: waiting for it costs a few ms, stepping on
+        # until it is done would cost a whole step. Its answers come first (not just the commit
+        # queued behind it on each worker) so that a worker lost in it is found before any
+        # survivor blocks in a commit exchange with it.
+        if copied:
+            executor.answers("precopied", timeout_s)
+        t_precopied = time.perf_counter()
         committed = executor.commit(target, engine.threads_for(target), timeout_s, wire, left,
                                     [remap[b] for b in left])
-        if copied:  # each worker ended its pre-copy before its commit: the answers are in or on their way
-            executor.answers("precopied", timeout_s)
     except Exception as exc:
         result.outcome = "rolled_back"
         result.reason = f"{type(exc).__name__}: {exc}"
@@ -138,12 +144,11 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     t_end = time.perf_counter()
     result.outcome = "committed"
     result.kv_bytes_moved = per_block * (len(copied) + len(left))
-    # A worker whose pre-copy was still running when the commit came finished it first, in the pause.
-    precopy_in_pause = max(info["waited_s"] for info in committed.values()) > _PRECOPY_DONE_S
+    precopy_in_pause = t_precopied - t_paused > _PRECOPY_DONE_S
     result.kv_bytes_in_pause = result.kv_bytes_moved if precopy_in_pause else per_block * len(left)
-    # One round trip does both: the slowest rank's migration (the end of its pre-copy, then the KV
-    # left) is "migrate", the rest "commit".
-    result.timings_s["migrate"] = max(info["waited_s"] + info["migrate_s"] for info in committed.values())
+    # One round trip does both: the wait for the pre-copy plus the slowest rank's migration is
+    # "migrate", the rest "commit".
+    result.timings_s["migrate"] = t_precopied - t_paused + max(info["migrate_s"] for info in committed.values())
     result.timings_s["commit"] = t_end - t_paused - result.timings_s["migrate"]
     result.timings_s["pause"] = t_end - t_paused
     result.timings_s["total"] = t_end - t_asked

@@ -407,10 +407,8 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 if result is not None:
                     results.send(encode(result))
                 continue
-            t_wait = time.perf_counter()
             if building is not None:
                 wait([building])
-            waited = time.perf_counter() - t_wait
             try:
                 if isinstance(msg, ReformCommand):
                     reply("reformed", worker.reform(msg, pool_size, backend))
@@ -418,10 +416,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 if isinstance(msg, ConfirmCommand):
                     worker.previous = None
                     continue
-                kind, info = worker.control(msg)
-                if isinstance(msg, CommitCommand):
-                    info["waited_s"] = waited  # the end of a pre-copy still running: part of the pause
-                reply(kind, info)
+                reply(*worker.control(msg))
             except Exception as exc:
                 worker.abort()
                 reply("error", *_failure(exc, f"{type(msg).__name__}: "))
