@@ -39,9 +39,6 @@ if TYPE_CHECKING:
     from remp.engine.llm_engine import LLMEngine
 
 
-_PRECOPY_DONE_S = 0.001  # a pause that waited less for the pre-copy found it done (reading its answers)
-
-
 class ReconfigInProgress(RuntimeError):
     """A second switch was asked for while one runs."""
 
@@ -125,6 +122,8 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         # until it is done would cost a whole step. Its answers come first (not just the commit
         # queued behind it on each worker) so that a worker lost in it is found before any
         # survivor blocks in a commit exchange with it.
+        precopy_in_pause = bool(copied) and not executor.has_replies("precopied", range(executor.pool_size),
+                                                                      time.monotonic())
         if copied:
             executor.answers("precopied", timeout_s)
         t_precopied = time.perf_counter()
@@ -144,7 +143,6 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     t_end = time.perf_counter()
     result.outcome = "committed"
     result.kv_bytes_moved = per_block * (len(copied) + len(left))
-    precopy_in_pause = t_precopied - t_paused > _PRECOPY_DONE_S
     result.kv_bytes_in_pause = result.kv_bytes_moved if precopy_in_pause else per_block * len(left)
     # One round trip does both: the wait for the pre-copy plus the slowest rank's migration is
     # "migrate", the rest "commit".
