@@ -169,11 +169,21 @@ class LocalExecutor:
         self.check_workers(waiting_since)
         return all((kind, r) in self._replies for r in ranks)
 
+    def _wait_for(self, wanted: set[tuple[str, int]], timeout_s: float, tolerate_reports: bool = False) -> None:
+        """File messages until every (kind, rank) in `wanted` has answered. With `tolerate_reports`
+        a worker's error report is passed over instead of raised (a survivor's report of the step
+        or switch a lost peer broke, while the world is being re-formed)."""
+        deadline = time.monotonic() + timeout_s
+        while not wanted <= self._replies.keys():
+            try:
+                self._take(self._recv(max(0.0, deadline - time.monotonic())))
+            except WorkerReportedError:
+                if not tolerate_reports:
+                    raise
+
     def _wait_replies(self, kind: str, ranks: Iterable[int], timeout_s: float) -> dict[int, WorkerReply]:
         ranks = list(ranks)
-        deadline = time.monotonic() + timeout_s
-        while not all((kind, r) in self._replies for r in ranks):
-            self._take(self._recv(max(0.0, deadline - time.monotonic())))
+        self._wait_for({(kind, r) for r in ranks}, timeout_s)
         return {r: self._replies.pop((kind, r)) for r in ranks}
 
     def _broadcast(self, cmd, ranks=None) -> None:
@@ -257,13 +267,8 @@ class LocalExecutor:
         env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}  # a replacement runs clean
         for rank in ranks:
             self._spawn(rank, env)
-        deadline = time.monotonic() + timeout_s
-        while not all(("reformed", r) in self._replies for r in survivors) or \
-                not all(("ready", r) in self._replies for r in ranks):
-            try:
-                self._take(self._recv(max(0.0, deadline - time.monotonic())))
-            except WorkerReportedError:  # a survivor's report of the step or switch the loss broke
-                pass
+        self._wait_for({("reformed", r) for r in survivors} | {("ready", r) for r in ranks}, timeout_s,
+                       tolerate_reports=True)
         self._lost.clear()
         self._replies.clear()
         self._early.clear()

@@ -56,8 +56,10 @@ def inject_fault(phase: str, rank: int) -> None:
 
 
 class Worker:
-    def __init__(self, rank: int, model_path: str, dtype: torch.dtype, device: str):
+    def __init__(self, rank: int, pool_size: int, backend: str, model_path: str, dtype: torch.dtype, device: str):
         self.rank = rank
+        self.pool_size = pool_size
+        self.backend = backend
         self.dtype = dtype
         self.device = torch.device(device)
         self.model_config = ModelConfig.from_pretrained(model_path)
@@ -101,11 +103,10 @@ class Worker:
         self.target = (topo, model, kv)
         t_kv = time.perf_counter()
         return {"standby": False, "weight_bytes": sum(w.numel() * w.element_size() for w in copied),
-                "kv_layers_reused": sorted(kv.reused),
                 "build_s": {"groups": t_groups - t0, "shard": t_shard - t_groups, "model": t_model - t_shard,
                             "kv": t_kv - t_model}}
 
-    def migrate(self, rows: list[list[int]], src_blocks: list[int], dst_blocks: list[int]) -> dict:
+    def migrate(self, rows: list[list[int]], src_blocks: list[int], dst_blocks: list[int]) -> None:
         """Send the slices this rank holds to their new owners and receive its own: one buffer
         per peer each way, posted together (batch_isend_irecv) so no pair can deadlock. Each
         slice is copied once on each side: gathered from the old cache straight into its place
@@ -132,7 +133,7 @@ class Worker:
             elif t.dst_rank == self.rank:
                 recvs.setdefault(t.src_rank, []).append(t)
         if not sends and not recvs and not unprepared:
-            return {"bytes_sent": 0}
+            return
         shape = (len(src_blocks), 2, self.block_size, -1, self.model_config.head_dim)
         per_head = shape[0] * shape[1] * shape[2] * shape[4]
 
@@ -158,23 +159,20 @@ class Worker:
         for src, ts in recvs.items():
             for t, part in zip(ts, incoming[src][1]):
                 new_kv.heads(t.layer, t.dst_head, t.num_heads).index_copy_(0, dst_idx, part)
-        return {"bytes_sent": sum(flat.numel() * flat.element_size() for flat, _ in outgoing.values())}
 
     def commit(self, cmd: CommitCommand) -> dict:
         """Move the KV left for the pause, then switch, tentatively (see CommitCommand)."""
         t0 = time.perf_counter()
-        moved = self.migrate(cmd.transfers, cmd.src_blocks, cmd.dst_blocks) if cmd.src_blocks else {}
-        info = {"migrate_s": time.perf_counter() - t0, "bytes_sent": moved.get("bytes_sent", 0)}
+        if cmd.src_blocks:
+            self.migrate(cmd.transfers, cmd.src_blocks, cmd.dst_blocks)
+        info = {"migrate_s": time.perf_counter() - t0}
         self.previous = (self.topo, self.model, self.kv, self.loaded, torch.get_num_threads())
         torch.set_num_threads(cmd.threads)
         self._pending_sends.clear()
         self.loaded = True
-        if self.target is None:
-            self.topo, self.model, self.kv = None, None, None
-            return {**info, "standby": True}
-        self.topo, self.model, self.kv = self.target
+        self.topo, self.model, self.kv = self.target or (None, None, None)  # no target: standby
         self.target = None
-        return {**info, "standby": False, "layers": list(self.model.layers)}
+        return info
 
     def abort(self) -> dict:
         """Drop the prepared layout, and go back to the old one if a commit was not yet confirmed."""
@@ -185,23 +183,30 @@ class Worker:
             torch.set_num_threads(threads)
         return {}
 
-    def reform(self, cmd: ReformCommand, pool_size: int, backend: str) -> dict:
+    def reform(self, cmd: ReformCommand) -> dict:
         """Leave the world group a lost peer broke and join the new one. The layout, shard and KV
         stay (the next Prepare of the same layout reuses them) — the old ones when a commit was
         not confirmed yet (the switch failed in its pause); every group is rebuilt."""
         self.abort()
         self._pending_sends.clear()
         dist.destroy_process_group()
-        init_world(self.rank, pool_size, cmd.dist_init, backend)
+        init_world(self.rank, self.pool_size, cmd.dist_init, self.backend)
         self.groups = Groups(self.rank)
         return {}
 
-    def control(self, msg: CommitCommand | AbortCommand | DigestCommand) -> tuple[str, dict]:
-        """Run a reconfiguration or inspection command; returns the reply kind and its info."""
+    def control(self, msg: CommitCommand | ConfirmCommand | AbortCommand | ReformCommand | DigestCommand
+                ) -> tuple[str, dict] | None:
+        """Run a reconfiguration or inspection command; returns the reply kind and its info, or
+        None for a command that gets no reply (Confirm)."""
         if isinstance(msg, CommitCommand):
             return "committed", self.commit(msg)
+        if isinstance(msg, ConfirmCommand):
+            self.previous = None
+            return None
         if isinstance(msg, AbortCommand):
             return "aborted", self.abort()
+        if isinstance(msg, ReformCommand):
+            return "reformed", self.reform(msg)
         if isinstance(msg, DigestCommand):
             return "digest", self.kv.digests(msg.blocks) if self.kv else {}
         raise TypeError(f"unknown command {type(msg).__name__}")
@@ -339,10 +344,10 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     builder_out.setsockopt(zmq.LINGER, 1000)
     builder_out.connect(result_addr)
 
-    def in_background(kind: str, switch_id: int, work: Callable[[], dict]) -> Future:
+    def in_background(kind: str, switch_id: int, work: Callable[[], dict | None]) -> Future:
         def run() -> None:
             try:
-                info, reply_kind, message = {**work(), "switch": switch_id}, kind, ""
+                info, reply_kind, message = {**(work() or {}), "switch": switch_id}, kind, ""
             except Exception as exc:
                 # Drop only what the builder made: the layout in use (and one committed but not yet
                 # confirmed, whose Confirm may still wait in the main thread's inbox) is the main
@@ -389,7 +394,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     receiver = threading.Thread(target=receive, name="remp-commands", daemon=True)
     try:
         init_world(rank, pool_size, dist_init, backend)
-        worker = Worker(rank, model_path, getattr(torch, dtype), device)
+        worker = Worker(rank, pool_size, backend, model_path, getattr(torch, dtype), device)
         receiver.start()
         reply("ready", {"pid": os.getpid()})
         while True:
@@ -410,16 +415,13 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
             if building is not None:
                 wait([building])
             try:
-                if isinstance(msg, ReformCommand):
-                    reply("reformed", worker.reform(msg, pool_size, backend))
-                    continue
-                if isinstance(msg, ConfirmCommand):
-                    worker.previous = None
-                    continue
-                reply(*worker.control(msg))
+                answer = worker.control(msg)
             except Exception as exc:
                 worker.abort()
                 reply("error", *_failure(exc, f"{type(msg).__name__}: "))
+                continue
+            if answer is not None:
+                reply(*answer)
     except Exception as exc:  # a failed start-up (or a broken command socket): report, then die
         reply("error", *_failure(exc))
         raise
