@@ -16,7 +16,7 @@ from remp.engine.sampling import SamplingParams
 from remp.config import ModelConfig
 from remp.executor.local import LocalExecutor, WorkerReportedError
 from remp.kv.migration import plan_kv_migration, to_rows
-from remp.executor.messages import FAULT_ENV, SeqWork, StepCommand
+from remp.executor.messages import FAULT_ENV, CutCommand, SeqWork, StepCommand
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError
 
@@ -215,6 +215,27 @@ def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):
     finally:
         executor.shutdown()
     assert token == reference[0][:1]
+
+
+@pytest.mark.parametrize("layout", [Topology(1, 2), Topology(2, 1)], ids=str)
+def test_a_cut_step_stops_on_every_rank_and_runs_again_right(tiny_gqa, reference, layout):
+    """A switch that wants its pause cuts the steps under way at a layer boundary. The cut is
+    sent to rank 0 only: in a pipeline the next stage learns it from the hidden state it
+    receives; across tensor ranks it rides on the layer's all-reduce, so both stop at the same
+    layer (one stopping alone would leave the other in its next all-reduce). Run again, the
+    step overwrites what the cut one wrote and samples the reference token."""
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+    try:
+        executor.load(layout, num_blocks=8, block_size=4, threads=1)
+        executor._broadcast(CutCommand(upto=1), ranks=[0])  # ahead of the step on rank 0's socket
+        executor.submit(StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
+                                                temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)]))
+        cut = executor.next_result(timeout_s=30)
+        again = decode_step(executor, 2, PROMPTS[0], 0, 0)
+    finally:
+        executor.shutdown()
+    assert cut.cut and cut.token_ids == []
+    assert again == reference[0][:1]
 
 
 def decode_step(executor: LocalExecutor, step_id: int, tokens: list[int], start: int, out_pos: int) -> list[int]:

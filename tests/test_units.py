@@ -207,3 +207,21 @@ def test_unsupported_architecture_is_named(tiny_gqa, tmp_path):
         ModelConfig.from_pretrained(model)
     with pytest.raises(ModelError, match="no config.json"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_scheduler_runs_a_cut_step_again():
+    """A step cut short for a switch computed nothing the engine counts: a cut prompt is run
+    again whole, a cut decode again with its last token, in the blocks they already hold."""
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    a = _seq(0, 6)
+    sched.add(a)
+    prefill = sched.schedule(1)
+    blocks = list(a.block_ids)
+    assert not any(sched.step_done(x, cut=True) for x in prefill)
+    again = sched.schedule(1)
+    assert [(x.seq, x.start, len(x.token_ids)) for x in again] == [(a, 0, 6)] and a.block_ids == blocks
+    assert all(sched.step_done(x) for x in again)
+    a.output_token_ids.append(1)
+    decode = sched.schedule(1)
+    assert not any(sched.step_done(x, cut=True) for x in decode) and a.num_computed == 6
+    assert [(x.seq, x.start, x.token_ids) for x in sched.schedule(1)] == [(a, 6, [1])]

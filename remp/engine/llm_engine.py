@@ -34,6 +34,7 @@ class EngineStats:
     num_kv_blocks: int
     num_preemptions: int
     step_count: int
+    steps_cut: int  # stopped by a layout switch that wanted its pause (see CutCommand); run again
     control_plane_s: float  # engine + worker time spent building, sending and parsing step commands
     step_wall_s: float  # summed wall time from submit to result
     num_worker_replacements: int
@@ -87,6 +88,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.step_count = 0
+        self.steps_cut = 0
         self.control_plane_s = 0.0
         self.step_wall_s = 0.0
         self.num_worker_replacements = 0
@@ -180,8 +182,13 @@ class LLMEngine:
             return []
         self.step_wall_s += time.perf_counter() - self._submit_times.pop(result.step_id)
         self.control_plane_s += result.parse_s
-        self.step_count += 1
         items = self._batches.pop(result.step_id)
+        if result.cut:
+            self.steps_cut += 1
+            for item in items:
+                self.scheduler.step_done(item, cut=True)
+            return []
+        self.step_count += 1
         outputs = []
         now = time.monotonic()
         for item, token, lps in zip(items, result.token_ids, result.logprobs):
@@ -239,7 +246,7 @@ class LLMEngine:
         if any(topo.coords(r) is not None for r in failed):
             for items in self._batches.values():
                 for item in items:
-                    self.scheduler.step_done(item)
+                    self.scheduler.step_done(item, cut=True)
             self._batches.clear()
             self._submit_times.clear()
             for seq in reversed(list(self.scheduler.running)):
@@ -266,7 +273,7 @@ class LLMEngine:
         s = self.scheduler
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=s.blocks.usage,
                            num_kv_blocks=s.blocks.num_blocks, num_preemptions=s.num_preemptions,
-                           step_count=self.step_count, control_plane_s=self.control_plane_s,
+                           step_count=self.step_count, steps_cut=self.steps_cut, control_plane_s=self.control_plane_s,
                            step_wall_s=self.step_wall_s, num_worker_replacements=self.num_worker_replacements)
 
     def shutdown(self) -> None:

@@ -90,8 +90,9 @@ class Scheduler:
                 continue
             if not self._reserve(seq, seq.num_tokens, chosen):
                 continue
-            chosen.append(ScheduledSeq(seq, seq.num_tokens - 1, seq.token_ids_from(seq.num_tokens - 1)))
-            budget -= 1
+            # The last token, or the whole prompt again when its prefill was cut (see step_done).
+            chosen.append(ScheduledSeq(seq, seq.num_computed, seq.token_ids_from(seq.num_computed)))
+            budget -= seq.num_tokens - seq.num_computed
         while self.admitting and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_tokens
@@ -154,13 +155,16 @@ class Scheduler:
             self.blocks.free(seq.block_ids)
             seq.block_ids = []
 
-    def step_done(self, item: ScheduledSeq) -> bool:
-        """Book a finished step for one sequence; True if it still wants its sampled token."""
+    def step_done(self, item: ScheduledSeq, cut: bool = False) -> bool:
+        """Book a finished step for one sequence; True if it still wants its sampled token. A step
+        that was `cut` computed nothing the engine counts: the sequence runs it again."""
         seq = item.seq
         seq.in_flight = False
         if seq.status is SeqStatus.FINISHED:  # aborted while in flight
             self.blocks.free(seq.block_ids)
             seq.block_ids = []
+            return False
+        if cut:
             return False
         seq.num_computed = item.start + len(item.token_ids)
         return True

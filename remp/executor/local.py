@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
-from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, DigestCommand,
-                                    PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand, StepCommand,
+from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, CutCommand,
+                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand, StepCommand,
                                     StepResult, WorkerReply, decode, encode)
 from remp.topology import Topology
 
@@ -113,17 +113,17 @@ class LocalExecutor:
         return msg
 
     def _recv(self, timeout_s: float, interrupt: Callable[[], bool] | None = None):
-        """Next message from any worker, or None as soon as `interrupt()` (asked every 10 ms) is
-        true; raises WorkerError if a worker dies or hangs, or time runs out."""
+        """Next message from any worker, or None as soon as `interrupt()` (asked before each
+        wait of up to 10 ms) is true; raises WorkerError if a worker dies or hangs, or time runs out."""
         deadline = time.monotonic() + timeout_s
         waiting_since = time.monotonic()
-        while (msg := self._poll(100 if interrupt is None else 10)) is None:
-            if interrupt is not None and interrupt():
-                return None
+        while interrupt is None or not interrupt():
+            if (msg := self._poll(100 if interrupt is None else 10)) is not None:
+                return msg
             self.check_workers(waiting_since)
             if time.monotonic() > deadline:
                 raise WorkerError(f"no answer from the workers within {timeout_s:.0f} s")
-        return msg
+        return None
 
     def check_workers(self, waiting_since: float) -> None:
         """Raise WorkerError naming every rank that exited, or that has sent no heartbeat for
@@ -279,6 +279,12 @@ class LocalExecutor:
         self._broadcast(DigestCommand(blocks))
         return self.answers("digest", timeout_s)
 
+    def cut(self) -> None:
+        """Stop every step in flight at its next layer boundary; each comes back cut (its result
+        has `cut` set and no tokens) unless it ended first."""
+        if self.in_flight:
+            self._broadcast(CutCommand(self.in_flight[-1]), range(self.topology.world_size))
+
     def submit(self, cmd: StepCommand) -> None:
         self._broadcast(cmd, range(self.topology.world_size))
         self.in_flight.append(cmd.step_id)
@@ -287,11 +293,14 @@ class LocalExecutor:
         """The result of the oldest step in flight (steps complete in submission order); None, with
         the step still in flight, if `interrupt()` turned true first."""
         step_id = self.in_flight[0]
+        # `interrupt` may file the result itself (has_replies files every message that is in).
+        stop = None if interrupt is None else (lambda: step_id in self._early or interrupt())
         while step_id not in self._early:
-            msg = self._recv(timeout_s, interrupt)
-            if msg is None:
+            msg = self._recv(timeout_s, stop)
+            if msg is not None:
+                self._take(msg)
+            elif step_id not in self._early:
                 return None
-            self._take(msg)
         self.in_flight.popleft()
         return self._early.pop(step_id)
 

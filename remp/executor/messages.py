@@ -73,6 +73,15 @@ class CommitCommand:
 
 
 @dataclass
+class CutCommand:
+    """A layout switch wants its pause now: every step up to `upto` still under way stops at its
+    next layer boundary and comes back cut (its tokens unsampled); the engine runs it again on
+    the new layout. Read by the command thread, so it reaches a step already running."""
+
+    upto: int
+
+
+@dataclass
 class ConfirmCommand:
     """Every worker has committed: the switch is final, forget what it replaced. No reply."""
 
@@ -108,6 +117,7 @@ class StepResult:
     token_ids: list[int]
     logprobs: list[list[list[float]] | None]  # per sequence: [[token_id, logprob], ...], sampled first
     parse_s: float  # worker time spent turning the command into tensors
+    cut: bool = False  # stopped by a CutCommand: no tokens, the step must run again
 
 
 @dataclass
@@ -123,8 +133,8 @@ class WorkerReply:
     info: dict = field(default_factory=dict)
 
 
-_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand, ConfirmCommand,
-                                        AbortCommand, DigestCommand, ReformCommand, ShutdownCommand, StepResult,
+_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand, CutCommand,
+                                        ConfirmCommand, AbortCommand, DigestCommand, ReformCommand, ShutdownCommand, StepResult,
                                         WorkerReply)}
 
 

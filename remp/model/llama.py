@@ -8,6 +8,7 @@ contiguous run of layers; the hidden state travels between stages (see remp.work
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from remp.config import ModelConfig
 from remp.kv.cache import KVCache
 from remp.topology import Topology
+
+
+class StepCut(Exception):
+    """A step was cut short at a layer boundary (see remp.executor.messages.CutCommand)."""
 
 
 @dataclass
@@ -77,10 +82,23 @@ class StageModel:
         self.vocab = topo.vocab_slice(self.tp_rank, model.vocab_size)
         self.rotary = LlamaRotaryEmbedding(hf_config).to(device)
 
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_group is not None:
+    def _all_reduce(self, x: torch.Tensor, cut: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Sum `x` over the tensor-parallel group. With `cut`, also decide whether the step stops
+        here (raising StepCut): every rank adds its own answer in one extra element of the same
+        all-reduce, so all ranks of the stage stop at the same layer or none does — one leaving
+        alone would strand the others in their next collective."""
+        if self.tp_group is None:
+            if cut is not None and cut():
+                raise StepCut
+            return x
+        if cut is None:
             dist.all_reduce(x, group=self.tp_group)
-        return x
+            return x
+        flat = torch.cat([x.reshape(-1), x.new_full((1,), float(cut()))])
+        dist.all_reduce(flat, group=self.tp_group)
+        if flat[-1].item() > 0:
+            raise StepCut
+        return flat[:-1].view_as(x)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -98,9 +116,12 @@ class StageModel:
         h = h.masked_fill(outside.unsqueeze(-1), 0.0)
         return self._all_reduce(h)
 
-    def forward(self, batch: Batch, hidden: torch.Tensor | None, kv: KVCache) -> torch.Tensor:
+    def forward(self, batch: Batch, hidden: torch.Tensor | None, kv: KVCache,
+                cut: Callable[[], bool] | None = None) -> torch.Tensor:
         """Run this stage's layers. Returns the hidden state [T, hidden] on inner stages and
-        this rank's vocabulary slice of the last-token logits [B, V/tp] on the last stage."""
+        this rank's vocabulary slice of the last-token logits [B, V/tp] on the last stage.
+        `cut()`, asked after each layer, stops the step there with StepCut: the KV it wrote
+        lies past what the engine counts as computed, and is written again when the step reruns."""
         h = self.embed(batch.input_ids) if self.is_first else hidden
         cos, sin = self.rotary(h, batch.positions.unsqueeze(0))
         cos, sin = cos[0], sin[0]
@@ -108,15 +129,15 @@ class StageModel:
             x = self._rms_norm(h, self.w[f"{layer}.input_norm"])
             h = h + self._attention(layer, x, cos, sin, batch, kv)
             x = self._rms_norm(h, self.w[f"{layer}.post_norm"])
-            h = h + self._mlp(layer, x)
+            h = h + self._mlp(layer, x, cut)
         if not self.is_last:
             return h
         last = self._rms_norm(h[batch.last_token_idx], self.w["norm"])
         return F.linear(last, self.w["lm_head"])
 
-    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: int, x: torch.Tensor, cut: Callable[[], bool] | None = None) -> torch.Tensor:
         gate, up = F.linear(x, self.w[f"{layer}.gate"]), F.linear(x, self.w[f"{layer}.up"])
-        return self._all_reduce(F.linear(F.silu(gate) * up, self.w[f"{layer}.down"]))
+        return self._all_reduce(F.linear(F.silu(gate) * up, self.w[f"{layer}.down"]), cut)
 
     def _attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: Batch, kv: KVCache) -> torch.Tensor:

@@ -7,14 +7,15 @@ prepare  every pool worker builds the target's groups, shard and KV cache (layer
          requests to its new owners (Llumnix-style: a full block is never written again while
          its request holds it); meanwhile the engine keeps stepping on the old layout, and new
          requests wait for the target (their prefill would hold the switch up for a long step)
-drain    once every worker has prepared: submit no more steps, collect those in flight (their
-         tokens are delivered); the pre-copy goes on
+drain    the moment every worker has answered both (the engine looks while it waits for a
+         step): submit no more steps and cut those in flight at their next layer boundary; a
+         step that ends first delivers its tokens, a cut one runs again on the target. So the
+         pause waits for one layer, not for the rest of a step (100-350 ms on 2 cores)
 migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
-& commit the engine waits for a pre-copy still running; then, in one round trip, every worker
-         moves the KV slices of the live blocks not pre-copied (those still filling, and any
-         handed out again since) to their new owners and switches to the target, tentatively
-         until all have (then the engine confirms); block tables are renumbered if the cache
-         shrank; stepping resumes
+& commit one round trip, every worker moves the KV slices of the live blocks not pre-copied
+         (those still filling, and any handed out again since) to their new owners and switches
+         to the target, tentatively until all have (then the engine confirms); block tables are
+         renumbered if the cache shrank; stepping resumes
 
 Any error before the confirmation aborts: the prepared state is dropped, a worker that had
 switched goes back, and the old layout, whose shards, KV and groups were never touched, keeps
@@ -49,10 +50,11 @@ class ReconfigResult:
     source: dict
     target: dict
     reason: str | None = None
-    # queued, plan, prepare, drain, migrate, commit, pause (= migrate + commit), total (all of them)
+    # queued, plan, prepare (build and pre-copy, serving), drain (cut the steps in flight), migrate,
+    # commit, pause (= migrate + commit), total (all of them)
     timings_s: dict[str, float] = field(default_factory=dict)
     kv_bytes_moved: int = 0  # crossed between ranks, pre-copy included
-    kv_bytes_in_pause: int = 0  # the part of it moved in the pause (all of it if the pre-copy ran into the pause)
+    kv_bytes_in_pause: int = 0  # the part of it moved in the pause
     weight_bytes_loaded: int = 0  # copied into target shards (0 where a shard is a view of the mapping)
     live_kv_blocks: int = 0
     precopied_kv_blocks: int = 0  # of the live blocks, those whose KV the pre-copy moved
@@ -101,13 +103,17 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         copied = _full_blocks(engine, num_blocks)
         if copied:  # queued behind the preparation on each worker: no wait for "prepared" first
             executor.precopy(wire, sorted(copied))
-        prepared = _serve_until(engine, on_outputs, "prepared", timeout_s)
+        _serve_until(engine, on_outputs, ["prepared", "precopied"] if copied else ["prepared"], timeout_s)
+        prepared = executor.answers("prepared", timeout_s)
+        if copied:
+            executor.answers("precopied", timeout_s)
         result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
         builds = [info["build_s"] for info in prepared.values() if "build_s" in info]  # standbys build nothing
         result.build_s = {part: max(b[part] for b in builds) for part in (builds[0] if builds else {})}
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
-        while executor.in_flight:  # the pre-copy goes on meanwhile
+        executor.cut()  # the steps in flight stop at their next layer; they run again on the target
+        while executor.in_flight:
             on_outputs(engine.collect())
         t_paused = time.perf_counter()
         result.timings_s["drain"] = t_paused - t_prepared
@@ -118,15 +124,6 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         left = [b for b in src_blocks if copied.get(b) != engine.scheduler.blocks.handouts(b)]
         result.live_kv_blocks = len(src_blocks)
         result.precopied_kv_blocks = len(src_blocks) - len(left)
-        # A pre-copy still running ends in the pause: waiting for it costs a few ms, stepping on
-        # until it is done would cost a whole step. Its answers come first (not just the commit
-        # queued behind it on each worker) so that a worker lost in it is found before any
-        # survivor blocks in a commit exchange with it.
-        precopy_in_pause = bool(copied) and not executor.has_replies("precopied", range(executor.pool_size),
-                                                                      time.monotonic())
-        if copied:
-            executor.answers("precopied", timeout_s)
-        t_precopied = time.perf_counter()
         committed = executor.commit(target, engine.threads_for(target), timeout_s, wire, left,
                                     [remap[b] for b in left])
     except Exception as exc:
@@ -143,29 +140,32 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     t_end = time.perf_counter()
     result.outcome = "committed"
     result.kv_bytes_moved = per_block * (len(copied) + len(left))
-    result.kv_bytes_in_pause = result.kv_bytes_moved if precopy_in_pause else per_block * len(left)
-    # One round trip does both: the wait for the pre-copy plus the slowest rank's migration is
-    # "migrate", the rest "commit".
-    result.timings_s["migrate"] = t_precopied - t_paused + max(info["migrate_s"] for info in committed.values())
+    result.kv_bytes_in_pause = per_block * len(left)
+    # One round trip does both: the slowest rank's migration is "migrate", the rest "commit".
+    result.timings_s["migrate"] = max(info["migrate_s"] for info in committed.values())
     result.timings_s["commit"] = t_end - t_paused - result.timings_s["migrate"]
     result.timings_s["pause"] = t_end - t_paused
     result.timings_s["total"] = t_end - t_asked
     return result
 
 
-def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], kind: str,
-                 timeout_s: float) -> dict[int, dict]:
-    """Keep serving on the old layout until every pool worker has answered `kind`; their answers."""
+def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], kinds: list[str],
+                 timeout_s: float) -> None:
+    """Keep serving on the old layout until every pool worker has answered each of `kinds`,
+    noticing the last answer while a step is under way (that step stays in flight, to be cut)."""
     executor = engine.executor
     since = time.monotonic()  # the executor's clock for heartbeats
-    while not executor.has_replies(kind, range(executor.pool_size), since):
+
+    def answered() -> bool:
+        return all(executor.has_replies(kind, range(executor.pool_size), since) for kind in kinds)
+
+    while not answered():
         if engine.scheduler.running or executor.in_flight:
-            on_outputs(engine.step())
+            on_outputs(engine.step(interrupt=answered))
         else:  # idle, or only requests that wait for the target
             time.sleep(0.005)
         if time.monotonic() - since > timeout_s:
-            raise TimeoutError(f"workers did not answer {kind!r} within {timeout_s:.0f} s")
-    return executor.answers(kind, timeout_s)
+            raise TimeoutError(f"workers did not answer {', '.join(kinds)} within {timeout_s:.0f} s")
 
 
 def _full_blocks(engine: "LLMEngine", num_blocks: int) -> dict[int, int]:

@@ -115,6 +115,8 @@ class _EngineCollector(Collector):
         counters = {
             "remp:num_preemptions": ("Requests preempted (KV recomputed).", stats.num_preemptions),
             "remp:engine_steps": ("Engine steps completed.", stats.step_count),
+            "remp:engine_steps_cut": ("Steps cut short for a layout switch's pause (run again on the new layout).",
+                                      stats.steps_cut),
             "remp:worker_replacements": ("Worker processes that died or hung and were replaced.",
                                          stats.num_worker_replacements),
             "remp:step_seconds": ("Wall time from submitting a step to its tokens, summed.", stats.step_wall_s),

@@ -28,12 +28,12 @@ import zmq
 
 from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
-from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, DigestCommand,
-                                    PrecopyCommand, PrepareCommand, ReformCommand, SeqWork, ShutdownCommand,
+from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, CutCommand,
+                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, SeqWork, ShutdownCommand,
                                     StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
-from remp.model.llama import Batch, StageModel
+from remp.model.llama import Batch, StageModel, StepCut
 from remp.parallel.groups import Groups, init_world
 from remp.topology import Topology
 from remp.weights.store import WeightStore
@@ -76,6 +76,7 @@ class Worker:
         self._pending_sends: list[dist.Work] = []
         self.block_size = 0  # of the KV cache, set by the first Prepare (the same for every layout)
         self.loaded = False  # a first layout (or standby) has been committed
+        self.cut_upto = -1  # steps up to this id stop at their next layer (set by the command thread)
 
     def prepare(self, cmd: PrepareCommand) -> dict:
         """Build the target layout beside the steps that keep coming: its groups (collective over
@@ -230,15 +231,31 @@ class Worker:
         batch = self._batch(cmd.seqs, self.kv.block_size)
         t1 = time.perf_counter()
         self._pending_sends = [w for w in self._pending_sends if not w.is_completed()]
-        hidden = None
-        if not model.is_first:
-            hidden = torch.empty(len(batch.input_ids), self.model_config.hidden_size, dtype=self.dtype,
-                                 device=self.device)
-            dist.recv(hidden, src=topo.rank(model.stage - 1, model.tp_rank))
-        out = model.forward(batch, hidden, self.kv)
+        # Asked after each layer on a CPU, where a step takes up to hundreds of ms. On a GPU a step
+        # takes milliseconds, and reading each layer's answer would stall the kernel queue.
+        cut = (lambda: cmd.step_id <= self.cut_upto) if self.device.type == "cpu" else None
+        size = len(batch.input_ids) * self.model_config.hidden_size
+        out = None
+        try:
+            hidden = None
+            if not model.is_first:
+                # The hidden state comes with one more element: 1 if an earlier stage cut the step.
+                message = torch.empty(size + 1, dtype=self.dtype, device=self.device)
+                dist.recv(message, src=topo.rank(model.stage - 1, model.tp_rank))
+                if message[-1].item() > 0:
+                    raise StepCut
+                hidden = message[:-1].view(len(batch.input_ids), -1)
+            out = model.forward(batch, hidden, self.kv, cut)
+        except StepCut:
+            pass
         if not model.is_last:
-            self._pending_sends.append(dist.isend(out, dst=topo.rank(model.stage + 1, model.tp_rank)))
+            body = out.reshape(-1) if out is not None else torch.zeros(size, dtype=self.dtype, device=self.device)
+            message = torch.cat([body, body.new_full((1,), float(out is None))])
+            self._pending_sends.append(dist.isend(message, dst=topo.rank(model.stage + 1, model.tp_rank)))
             return None
+        if out is None:  # every rank of the stage agreed (see StageModel._all_reduce); the first answers
+            return StepResult(step_id=cmd.step_id, token_ids=[], logprobs=[], parse_s=t1 - t0,
+                              cut=True) if model.tp_rank == 0 else None
         logits = self._gather_logits(out)
         if logits is None:
             return None
@@ -383,6 +400,8 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                                              lambda msg=msg: worker.migrate(msg.transfers, msg.blocks, msg.blocks))
                 elif isinstance(msg, StepCommand):
                     inbox.put((msg, None))
+                elif isinstance(msg, CutCommand):  # here, not in the inbox: it must reach a step under way
+                    worker.cut_upto = max(worker.cut_upto, msg.upto)
                 else:
                     inbox.put((msg, building))
                     building = None
