@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
+from remp.executor.local import LocalExecutor
 from remp.executor.messages import FAULT_ENV
 from remp.topology import Topology
 
@@ -128,3 +129,15 @@ def test_server_replaces_a_worker_killed_while_idle_and_mid_switch(tiny_gqa, tmp
         assert (topo["tensor_parallel_size"], topo["pipeline_parallel_size"]) == (1, 2)
         assert completion(url, PROMPTS[1]) == expected
         assert 'remp:worker_replacements_total{model_name="tiny"} 2.0' in httpx.get(f"{url}/metrics").text
+
+
+def test_a_lost_peer_is_found_when_a_survivor_reports_it_first(tiny_gqa):
+    """A survivor reports a killed peer (its connection reset) while the peer is still being torn
+    down: `failed_ranks(wait_s=...)` gives the exit time to show, so the engine replaces the rank
+    instead of taking the report for a failure of the survivor's own and stopping."""
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+    try:
+        executor.procs[1].send_signal(signal.SIGKILL)
+        assert executor.failed_ranks(wait_s=30) == [1]
+    finally:
+        executor.shutdown()

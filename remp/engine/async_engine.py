@@ -18,7 +18,7 @@ from remp.config import EngineConfig
 from remp.engine.llm_engine import EngineStats, LLMEngine
 from remp.engine.outputs import RequestOutput
 from remp.engine.sampling import SamplingParams
-from remp.executor.local import WorkerError
+from remp.executor.local import LOST_PEER_GRACE_S, WorkerError
 from remp.policy.stats import LoadTracker
 from remp.reconfig.transaction import ReconfigInProgress, ReconfigResult
 from remp.topology import Topology
@@ -191,7 +191,7 @@ class AsyncEngine:
                     self._pump(self.engine.step(interrupt=self._switch_waiting))
                     idle_since = time.monotonic()
                 except WorkerError:
-                    if not self.engine.executor.failed_ranks():
+                    if not self.engine.executor.failed_ranks(wait_s=LOST_PEER_GRACE_S):
                         raise  # a worker reported a failure of its own: nothing to replace
                     log.exception("lost a worker; replacing it")
                     recovery = self.engine.recover(self._pump)

@@ -25,9 +25,14 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, CutCommand,
-                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand, StepCommand,
-                                    StepResult, WorkerReply, decode, encode)
+                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand,
+                                    StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.topology import Topology
+
+
+# How long a survivor's report of a failure is given to turn out to be a lost peer (see
+# `LocalExecutor.failed_ranks`) before it is taken for a failure of its own.
+LOST_PEER_GRACE_S = 5.0
 
 
 class WorkerError(RuntimeError):
@@ -145,9 +150,16 @@ class LocalExecutor:
             raise WorkerError(f"worker rank {', '.join(map(str, silent))} sent no heartbeat for "
                               f"{self.hang_timeout_s:.0f} s (hung)")
 
-    def failed_ranks(self) -> list[int]:
-        """Ranks whose process exited or was found hung: the ones `replace` restarts."""
-        return sorted({r for r, p in enumerate(self.procs) if p.poll() is not None} | self._hung)
+    def failed_ranks(self, wait_s: float = 0.0) -> list[int]:
+        """Ranks whose process exited or was found hung: the ones `replace` restarts. When there
+        are none, `wait_s` gives an exit that long to show: a survivor reports a lost peer (its
+        connection reset) while the peer's process is still being torn down, not yet reaped."""
+        deadline = time.monotonic() + wait_s
+        while not (failed := sorted({r for r, p in enumerate(self.procs) if p.poll() is not None} | self._hung)):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        return failed
 
     def _take(self, msg) -> None:
         """File a message that is not the one being waited for. A rank that says it is ready (or

@@ -134,8 +134,8 @@ class WorkerReply:
 
 
 _TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand, CutCommand,
-                                        ConfirmCommand, AbortCommand, DigestCommand, ReformCommand, ShutdownCommand, StepResult,
-                                        WorkerReply)}
+                                        ConfirmCommand, AbortCommand, DigestCommand, ReformCommand, ShutdownCommand,
+                                        StepResult, WorkerReply)}
 
 
 Message = (StepCommand | PrepareCommand | PrecopyCommand | CommitCommand | ConfirmCommand | AbortCommand

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from remp.engine.outputs import RequestOutput
-from remp.executor.local import WorkerError
+from remp.executor.local import LOST_PEER_GRACE_S, WorkerError
 from remp.kv.blocks import BlockManager
 from remp.kv.migration import bytes_moved, plan_kv_migration, to_rows
 from remp.topology import Topology
@@ -189,7 +189,7 @@ def _roll_back(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], 
             executor.abort(timeout_s)
             return
         except WorkerError:
-            if not executor.failed_ranks():
+            if not executor.failed_ranks(wait_s=LOST_PEER_GRACE_S):
                 raise
     recovery = engine.recover(on_outputs)
     result.replaced_ranks = recovery.replaced_ranks

@@ -29,8 +29,8 @@ import zmq
 from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
 from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, CutCommand,
-                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, SeqWork, ShutdownCommand,
-                                    StepCommand, StepResult, WorkerReply, decode, encode)
+                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, SeqWork,
+                                    ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
 from remp.model.llama import Batch, StageModel, StepCut
