@@ -173,13 +173,13 @@ class LocalExecutor:
             self._last_beat[msg.rank] = max(self._last_beat[msg.rank], time.monotonic())
             self._beating.add(msg.rank)
 
-    def has_replies(self, kind: str, ranks: Iterable[int], waiting_since: float) -> bool:
-        """True once every rank in `ranks` has answered `kind`; never blocks, but raises
+    def has_replies(self, kinds: Iterable[str], ranks: Iterable[int], waiting_since: float) -> bool:
+        """True once every rank in `ranks` has answered each of `kinds`; never blocks, but raises
         WorkerError for a worker that died or hung since `waiting_since`."""
         while (msg := self._poll(0)) is not None:
             self._take(msg)
         self.check_workers(waiting_since)
-        return all((kind, r) in self._replies for r in ranks)
+        return all((kind, r) in self._replies for kind in kinds for r in ranks)
 
     def _wait_for(self, wanted: set[tuple[str, int]], timeout_s: float, tolerate_reports: bool = False) -> None:
         """File messages until every (kind, rank) in `wanted` has answered. With `tolerate_reports`

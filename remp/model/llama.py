@@ -25,6 +25,13 @@ class StepCut(Exception):
     """A step was cut short at a layer boundary (see remp.executor.messages.CutCommand)."""
 
 
+def with_cut_flag(x: torch.Tensor, cut: bool) -> torch.Tensor:
+    """`x` flattened, with one more element that says whether the step is cut: how a cut
+    travels with a tensor that moves anyway (summed by a TP all-reduce, carried by a pipeline
+    send). The receiver reads the flag at [-1] and the tensor from [:-1]."""
+    return torch.cat([x.reshape(-1), x.new_full((1,), float(cut))])
+
+
 @dataclass
 class Batch:
     """One step's tokens on a worker: sequences laid end to end ([T] tensors), plus what
@@ -94,7 +101,7 @@ class StageModel:
         if cut is None:
             dist.all_reduce(x, group=self.tp_group)
             return x
-        flat = torch.cat([x.reshape(-1), x.new_full((1,), float(cut()))])
+        flat = with_cut_flag(x, cut())
         dist.all_reduce(flat, group=self.tp_group)
         if flat[-1].item() > 0:
             raise StepCut

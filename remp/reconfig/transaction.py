@@ -157,7 +157,7 @@ def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]]
     since = time.monotonic()  # the executor's clock for heartbeats
 
     def answered() -> bool:
-        return all(executor.has_replies(kind, range(executor.pool_size), since) for kind in kinds)
+        return executor.has_replies(kinds, range(executor.pool_size), since)
 
     while not answered():
         if engine.scheduler.running or executor.in_flight:

@@ -33,7 +33,7 @@ from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, Conf
                                     ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
-from remp.model.llama import Batch, StageModel, StepCut
+from remp.model.llama import Batch, StageModel, StepCut, with_cut_flag
 from remp.parallel.groups import Groups, init_world
 from remp.topology import Topology
 from remp.weights.store import WeightStore
@@ -239,18 +239,19 @@ class Worker:
         try:
             hidden = None
             if not model.is_first:
-                # The hidden state comes with one more element: 1 if an earlier stage cut the step.
+                # The hidden state comes with one more element: 1 if an earlier stage cut the step
+                # (never where cuts are off: no host read of it there).
                 message = torch.empty(size + 1, dtype=self.dtype, device=self.device)
                 dist.recv(message, src=topo.rank(model.stage - 1, model.tp_rank))
-                if message[-1].item() > 0:
+                if cut is not None and message[-1].item() > 0:
                     raise StepCut
                 hidden = message[:-1].view(len(batch.input_ids), -1)
             out = model.forward(batch, hidden, self.kv, cut)
         except StepCut:
             pass
         if not model.is_last:
-            body = out.reshape(-1) if out is not None else torch.zeros(size, dtype=self.dtype, device=self.device)
-            message = torch.cat([body, body.new_full((1,), float(out is None))])
+            body = out if out is not None else torch.zeros(size, dtype=self.dtype, device=self.device)
+            message = with_cut_flag(body, out is None)
             self._pending_sends.append(dist.isend(message, dst=topo.rank(model.stage + 1, model.tp_rank)))
             return None
         if out is None:  # every rank of the stage agreed (see StageModel._all_reduce); the first answers
