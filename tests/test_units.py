@@ -1,4 +1,5 @@
-"""Fast tests of the pure parts: topology, weight slicing, blocks, scheduler, detokeniser, sampler."""
+"""Fast tests of the pure parts: topology, weight slicing, blocks, scheduler, detokeniser, sampler,
+and the worker's thread settings."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,7 @@ from remp.engine.scheduler import Scheduler, Sequence, SeqStatus
 from remp.kv.blocks import BlockManager, OutOfBlocks
 from remp.topology import Topology, TopologyError, split_range
 from remp.weights.store import WeightStore
+from remp.worker.worker import background_pool, use_threads
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]
 
@@ -225,3 +227,19 @@ def test_scheduler_runs_a_cut_step_again():
     decode = sched.schedule(1)
     assert not any(sched.step_done(x, cut=True) for x in decode) and a.num_computed == 6
     assert [(x.seq, x.start, x.token_ids) for x in sched.schedule(1)] == [(a, 6, [1])]
+
+
+def test_the_builder_thread_keeps_one_openmp_thread_when_a_commit_sets_more():
+    """A commit on the main thread sets its step count (here 2) after the builder started: the
+    builder's copies must stay on one thread, or its team spins against the steps' team."""
+    before = torch.get_num_threads()
+    pool = background_pool()
+    try:
+        pool.submit(lambda: None).result()  # the builder thread starts (at the first Prepare)
+        use_threads(2)  # the commit of that layout, on the main thread
+        counts = pool.submit(lambda: (torch.ones(64, 64).index_select(0, torch.arange(8)), torch.get_num_threads())[1])
+        assert counts.result() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        pool.shutdown()
+        use_threads(before)

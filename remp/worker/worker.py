@@ -41,6 +41,26 @@ from remp.weights.store import WeightStore
 HEARTBEAT_INTERVAL_S = 0.5
 
 
+def use_threads(n: int) -> None:
+    """Run this thread's torch ops on `n` OpenMP threads, for good. PyTorch sets up each thread's
+    count lazily, at its first parallel op, from the process-wide count that the last
+    set_num_threads on *any* thread stored: a thread that sets its count before that op takes
+    whatever count another thread sets later. (The builder did: it set 1, then ran every
+    pre-copy with the 2 threads a commit on the main thread had set since.) Reading the count
+    first does the setting-up now."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
+def background_pool() -> ThreadPoolExecutor:
+    """The one thread that builds targets and pre-copies KV beside the steps. Its copies run on
+    one OpenMP thread: a team of its own would spin at every barrier against the steps' team for
+    the same cores (SmolLM2 on 2 cores, pool of 4, three requests decoding, a tour of 18 switches:
+    median 128-148 ms and slowest 291-490 ms with the builder on 2 threads, 73-75 and 99-116 ms on
+    one)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="remp-prepare", initializer=use_threads, initargs=(1,))
+
+
 def inject_fault(phase: str, rank: int) -> None:
     """Fault injection for the fault-tolerance tests: REMP_FAULT_INJECT="PHASE:RANK:kill|hang"
     makes that rank SIGKILL or SIGSTOP itself when it reaches PHASE of a live switch ("prepare":
@@ -168,7 +188,7 @@ class Worker:
             self.migrate(cmd.transfers, cmd.src_blocks, cmd.dst_blocks)
         info = {"migrate_s": time.perf_counter() - t0}
         self.previous = (self.topo, self.model, self.kv, self.loaded, torch.get_num_threads())
-        torch.set_num_threads(cmd.threads)
+        use_threads(cmd.threads)
         self._pending_sends.clear()
         self.loaded = True
         self.topo, self.model, self.kv = self.target or (None, None, None)  # no target: standby
@@ -181,7 +201,7 @@ class Worker:
         if self.previous is not None:
             self.topo, self.model, self.kv, self.loaded, threads = self.previous
             self.previous = None
-            torch.set_num_threads(threads)
+            use_threads(threads)
         return {}
 
     def reform(self, cmd: ReformCommand) -> dict:
@@ -339,7 +359,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     lives on: the failure may be a lost peer, after which the engine re-forms the world (Reform)
     and this rank serves again; start-up failures are fatal.
     """
-    torch.set_num_threads(1)
+    use_threads(1)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where is it stuck?
     parent = os.getppid()
     ctx = zmq.Context()
@@ -357,11 +377,7 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     beats.start()
     # Work that runs beside the steps (building a target, pre-copying KV) is done on this thread
     # and answers on a socket of its own the moment it is done, not after the step under way.
-    # Its copies run on one OpenMP thread: a team of its own would spin at every barrier against
-    # the steps' team for the same cores (measured on 2 cores: a pre-copy's gather took 14-36 ms
-    # of CPU on a rank running steps, 1-8 ms with one thread).
-    builder = ThreadPoolExecutor(1, thread_name_prefix="remp-prepare", initializer=torch.set_num_threads,
-                                 initargs=(1,))
+    builder = background_pool()
     builder_out = ctx.socket(zmq.PUSH)  # used on the builder thread only
     builder_out.setsockopt(zmq.LINGER, 1000)
     builder_out.connect(result_addr)
