@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
-from remp.executor.local import LocalExecutor
+from remp.executor.local import LocalExecutor, WorkerError
 from remp.executor.messages import FAULT_ENV
 from remp.topology import Topology
 
@@ -139,5 +140,32 @@ def test_a_lost_peer_is_found_when_a_survivor_reports_it_first(tiny_gqa):
     try:
         executor.procs[1].send_signal(signal.SIGKILL)
         assert executor.failed_ranks(wait_s=30) == [1]
+    finally:
+        executor.shutdown()
+
+
+def test_a_command_to_a_worker_whose_process_is_gone_fails_instead_of_waiting(tiny_gqa):
+    """The rollback of a switch that lost a worker sends Abort to every rank, maybe before the
+    engine saw the exit (a survivor's report can come first). A gone worker's command socket has
+    no connection left: the send must fail, naming it, not wait for a reconnection forever."""
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+    try:
+        executor.procs[1].send_signal(signal.SIGKILL)
+        executor.procs[1].wait(timeout=30)
+        time.sleep(0.5)  # the command socket drops its connection to the gone process
+        outcome = {}
+
+        def abort() -> None:
+            try:
+                executor.abort(timeout_s=30)
+            except WorkerError as exc:
+                outcome["error"] = str(exc)
+
+        sender = threading.Thread(target=abort, daemon=True)
+        sender.start()
+        sender.join(timeout=60)
+        assert not sender.is_alive(), "the Abort to the gone worker is still waiting to be sent"
+        assert "rank 1 took no command" in outcome.get("error", ""), outcome
+        assert executor.failed_ranks() == [1]
     finally:
         executor.shutdown()

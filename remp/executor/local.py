@@ -33,6 +33,10 @@ from remp.topology import Topology
 # How long a survivor's report of a failure is given to turn out to be a lost peer (see
 # `LocalExecutor.failed_ranks`) before it is taken for a failure of its own.
 LOST_PEER_GRACE_S = 5.0
+# How long a command may wait to be queued for a worker. A live worker's queue always takes it
+# (nothing sends it a thousand commands unread); a gone one has no connection left, and a
+# blocking send would wait for a reconnection that never comes.
+COMMAND_SEND_TIMEOUT_MS = 1000
 
 
 class WorkerError(RuntimeError):
@@ -92,6 +96,7 @@ class LocalExecutor:
         so nothing queued for a lost one reaches its replacement)."""
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, COMMAND_SEND_TIMEOUT_MS)
         addr = f"ipc://{self._dir}/cmd{rank}-{next(self._generation)}"
         sock.bind(addr)
         if self._cmds[rank] is not None:
@@ -199,9 +204,19 @@ class LocalExecutor:
         return {r: self._replies.pop((kind, r)) for r in ranks}
 
     def _broadcast(self, cmd, ranks=None) -> None:
+        """Send `cmd` to every rank of `ranks` (all by default) that takes it; then raise WorkerError
+        naming those whose process is gone (found before the engine saw the exit: a survivor's
+        report of the lost peer can come first, and the rollback's Abort goes to every rank)."""
         data = encode(cmd)
+        gone = []
         for rank in range(self.pool_size) if ranks is None else ranks:
-            self._cmds[rank].send(data)
+            try:
+                self._cmds[rank].send(data)
+            except zmq.Again:
+                gone.append(rank)
+        if gone:
+            raise WorkerError(f"worker rank {', '.join(map(str, gone))} took no command for "
+                              f"{COMMAND_SEND_TIMEOUT_MS / 1000:.0f} s (its process is gone)")
 
     # layout changes: prepare -> precopy (both while serving) -> commit (carries the KV left for
     # the pause) -> confirm, or abort
