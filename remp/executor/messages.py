@@ -138,8 +138,8 @@ _TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyComm
                                         StepResult, WorkerReply)}
 
 
-Message = (StepCommand | PrepareCommand | PrecopyCommand | CommitCommand | ConfirmCommand | AbortCommand
-           | DigestCommand | ReformCommand | ShutdownCommand | StepResult | WorkerReply)
+Message = (StepCommand | PrepareCommand | PrecopyCommand | CommitCommand | CutCommand | ConfirmCommand
+           | AbortCommand | DigestCommand | ReformCommand | ShutdownCommand | StepResult | WorkerReply)
 
 
 def encode(msg: Message) -> bytes:
