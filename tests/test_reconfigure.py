@@ -3,6 +3,8 @@ a smaller target cache preempts (and later recomputes) instead of dropping, bad 
 nothing. One pool of 4 workers walks every ordered pair of the six layouts in one tour."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -16,7 +18,7 @@ from remp.engine.sampling import SamplingParams
 from remp.config import ModelConfig
 from remp.executor.local import LocalExecutor, WorkerReportedError
 from remp.kv.migration import plan_kv_migration, to_rows
-from remp.executor.messages import FAULT_ENV, CutCommand, SeqWork, StepCommand
+from remp.executor.messages import FAULT_ENV, SeqWork, StepCommand
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError
 
@@ -86,6 +88,7 @@ def test_every_switch_keeps_tokens_and_kv_bytes(engine, reference):
         assert engine.topology == target
         assert result.precopied_kv_blocks > 0, "full blocks are copied before the pause"
         assert result.kv_bytes_in_pause <= result.kv_bytes_moved
+        assert result.kv_buffer_bytes_allocated_in_pause == 0, "the pre-copy sets the pause's buffers aside"
         blocks_after = full_blocks(engine)
         after = engine.kv_digests(list(blocks_after.values()))
         assert all(len(v) == 1 for v in after.values())  # replicated heads agree
@@ -217,17 +220,49 @@ def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):
     assert token == reference[0][:1]
 
 
+def test_a_commit_behind_a_step_in_flight_waits_until_the_next_stage_takes_its_hidden_state(tiny_gqa, reference):
+    """The commit goes out right behind the cut, with steps still in flight: each worker runs it
+    after its own steps. Here stage 1 is stopped while stage 0 runs a step and reaches the
+    commit: its send of the hidden state is still under way, and dropping it (as the commit did
+    when it always came after every step had ended) would leave stage 1 waiting for it forever.
+    Resumed, stage 1 ends the step with the right token, the switch commits, and the next step
+    on the target gets the next right token."""
+    source, target = Topology(1, 2), Topology(1, 1)
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+    stage1 = executor.procs[1].pid
+    try:
+        executor.load(source, num_blocks=8, block_size=4, threads=1)
+        executor.prepare(target, num_blocks=8, block_size=4)
+        executor.answers("prepared", timeout_s=30)
+        wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
+        os.kill(stage1, signal.SIGSTOP)
+        try:
+            executor.submit(StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
+                                                    temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)]))
+            executor.start_commit(1, wire, [0, 1], [0, 1])
+            time.sleep(1)  # stage 0 has run the step and is in the commit
+        finally:
+            os.kill(stage1, signal.SIGCONT)
+        first = executor.next_result(timeout_s=30).token_ids
+        executor.finish_commit(target, timeout_s=30)
+        second = decode_step(executor, 2, first, len(PROMPTS[0]), 1)
+    finally:
+        executor.shutdown()
+    assert first + second == reference[0][:2]
+
+
 @pytest.mark.parametrize("layout", [Topology(1, 2), Topology(2, 1)], ids=str)
 def test_a_cut_step_stops_on_every_rank_and_runs_again_right(tiny_gqa, reference, layout):
-    """A switch that wants its pause cuts the steps under way at a layer boundary. The cut is
-    sent to rank 0 only: in a pipeline the next stage learns it from the hidden state it
-    receives; across tensor ranks it rides on the layer's all-reduce, so both stop at the same
-    layer (one stopping alone would leave the other in its next all-reduce). Run again, the
-    step overwrites what the cut one wrote and samples the reference token."""
+    """A switch that wants its pause cuts the steps under way at a half-layer boundary. Here the
+    cut is set for rank 0 only, as when rank 0 reads its slot after the engine wrote it and its
+    peer read before: in a pipeline the next stage learns it from the hidden state it receives;
+    across tensor ranks it rides on the all-reduce, so both stop at the same point (one stopping
+    alone would leave the other in its next all-reduce). Run again, the step overwrites what the
+    cut one wrote and samples the reference token."""
     executor = LocalExecutor(tiny_gqa, 2, "float32")
     try:
         executor.load(layout, num_blocks=8, block_size=4, threads=1)
-        executor._broadcast(CutCommand(upto=1), ranks=[0])  # ahead of the step on rank 0's socket
+        executor._cut_flags.cut(1, [0])
         executor.submit(StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
                                                 temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)]))
         cut = executor.next_result(timeout_s=30)
@@ -261,7 +296,8 @@ def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, refer
         executor.answers("prepared", timeout_s=30)
         wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
         with pytest.raises(WorkerReportedError, match="worker 1 failed"):
-            executor.commit(target, 1, 30, wire, [0, 1], [0, 99])
+            executor.start_commit(1, wire, [0, 1], [0, 99])
+            executor.finish_commit(target, 30)
         executor.abort(timeout_s=30)
         second = decode_step(executor, 2, first, len(PROMPTS[0]), 1)
     finally:

@@ -79,7 +79,10 @@ def test_stream_in_flight_survives_switches(server, tiny_gqa):
     for r in replies:
         assert r.status_code == 200 and r.json()["outcome"] == "committed", r.text
     body = replies[0].json()
-    assert set(body["timings_s"]) >= {"plan", "prepare", "drain", "migrate", "commit", "pause", "total"}
+    timings = body["timings_s"]
+    assert set(timings) >= {"plan", "prepare", "drain", "migrate", "commit", "pause", "total"}
+    # The pause runs from the cut to the resume: the drain is in it.
+    assert timings["pause"] == pytest.approx(timings["drain"] + timings["commit"], abs=1e-6)
     # The slowest worker's build, part by part, is a share of the prepare phase that waited for it.
     assert set(body["build_s"]) == {"groups", "shard", "model", "kv"}
     assert all(0 <= s <= body["timings_s"]["prepare"] for s in body["build_s"].values())

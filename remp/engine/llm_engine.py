@@ -34,7 +34,7 @@ class EngineStats:
     num_kv_blocks: int
     num_preemptions: int
     step_count: int
-    steps_cut: int  # stopped by a layout switch that wanted its pause (see CutCommand); run again
+    steps_cut: int  # stopped by a layout switch that wanted its pause (see remp.executor.cut); run again
     control_plane_s: float  # engine + worker time spent building, sending and parsing step commands
     step_wall_s: float  # summed wall time from submit to result
     num_worker_replacements: int

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
-from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, CutCommand,
+from remp.executor.cut import CutFlags
+from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand,
                                     DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand,
                                     StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.topology import Topology
@@ -56,6 +57,8 @@ class LocalExecutor:
         self.hang_timeout_s = hang_timeout_s
         self._dir = tempfile.mkdtemp(prefix="remp-")
         os.chmod(self._dir, 0o700)
+        self._cut_path = f"{self._dir}/cut"
+        self._cut_flags = CutFlags(self._cut_path, pool_size, create=True)
         self._ctx = zmq.Context()
         self._results = self._ctx.socket(zmq.PULL)
         self._result_addr = f"ipc://{self._dir}/results"
@@ -105,7 +108,7 @@ class LocalExecutor:
         device = f"cuda:{rank}" if self._device == "cuda" else self._device
         spec = dict(rank=rank, pool_size=self.pool_size, dist_init=self._dist_init, backend=self._backend,
                     cmd_addr=addr, result_addr=self._result_addr, beat_addr=self._beat_addr,
-                    model_path=self._model_path, dtype=self._dtype, device=device)
+                    cut_path=self._cut_path, model_path=self._model_path, dtype=self._dtype, device=device)
         env = {**env, "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo")}
         self._last_beat[rank] = time.monotonic()
         self._beating.discard(rank)
@@ -231,23 +234,28 @@ class LocalExecutor:
         self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size,
                                        switch_id=self._switch_id))
 
-    def precopy(self, transfers: list[list[int]], blocks: list[int]) -> None:
+    def precopy(self, transfers: list[list[int]], blocks: list[int], filling: list[int] | None = None,
+                room: int = 0) -> None:
         """Ask every pool worker to copy the KV of `blocks` (which keep their ids) into the
-        prepared layout once it is built; answers ("precopied") arrive while steps go on."""
-        self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id))
+        prepared layout once it is built, and to get the pause ready for the `filling` blocks (at
+        most `room` in all; see PrecopyCommand); answers ("precopied") arrive while steps go on."""
+        self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id, filling or [], room))
 
     def answers(self, kind: str, timeout_s: float) -> dict[int, dict]:
         """Every pool worker's answer of `kind` (e.g. "prepared"), waiting for those not in yet."""
         return {r: m.info for r, m in self._wait_replies(kind, range(self.pool_size), timeout_s).items()}
 
-    def commit(self, topo: Topology, threads: int, timeout_s: float, transfers: list[list[int]] | None = None,
-               src_blocks: list[int] | None = None, dst_blocks: list[int] | None = None) -> dict[int, dict]:
-        """Move the live KV of `src_blocks` not yet in place (to `dst_blocks`) and switch every
-        worker to the prepared layout, in one round trip; their answers (with "migrate_s"). Once
-        all have answered the switch is confirmed (no reply awaited); on a WorkerError before
-        that, the workers that did switch go back on `abort` (or when re-formed)."""
-        assert not self.in_flight, "commit() with steps in flight"
+    def start_commit(self, threads: int, transfers: list[list[int]] | None = None, src_blocks: list[int] | None = None,
+                     dst_blocks: list[int] | None = None) -> None:
+        """Ask every worker to move the live KV of `src_blocks` not yet in place (to `dst_blocks`)
+        and switch to the prepared layout, in one command. A worker runs it after the steps sent
+        to it before, so it may go out with steps still in flight (cut ones, say)."""
         self._broadcast(CommitCommand(threads, transfers or [], src_blocks or [], dst_blocks or []))
+
+    def finish_commit(self, topo: Topology, timeout_s: float) -> dict[int, dict]:
+        """Every worker's answer to the commit (with "migrate_s"). Once all have answered the
+        switch is confirmed (no reply awaited); on a WorkerError before that, the workers that
+        did switch go back on `abort` (or when re-formed)."""
         answers = self.answers("committed", timeout_s)
         self._broadcast(ConfirmCommand())
         self.topology = topo
@@ -266,7 +274,8 @@ class LocalExecutor:
         assert not self.in_flight, "load() with steps in flight"
         self.prepare(topo, num_blocks, block_size)
         self.answers("prepared", timeout_s)
-        self.commit(topo, threads, timeout_s)
+        self.start_commit(threads)
+        self.finish_commit(topo, timeout_s)
 
     def kill(self, ranks: list[int]) -> None:
         """Make sure the processes of `ranks` (dead or hung) are gone — which also breaks any
@@ -307,10 +316,10 @@ class LocalExecutor:
         return self.answers("digest", timeout_s)
 
     def cut(self) -> None:
-        """Stop every step in flight at its next layer boundary; each comes back cut (its result
-        has `cut` set and no tokens) unless it ended first."""
+        """Stop every step in flight at its next half-layer boundary; each comes back cut (its
+        result has `cut` set and no tokens) unless it ended first."""
         if self.in_flight:
-            self._broadcast(CutCommand(self.in_flight[-1]), range(self.topology.world_size))
+            self._cut_flags.cut(self.in_flight[-1], range(self.topology.world_size))
 
     def submit(self, cmd: StepCommand) -> None:
         self._broadcast(cmd, range(self.topology.world_size))
@@ -351,5 +360,6 @@ class LocalExecutor:
                 sock.close(linger=0)
         self._results.close(linger=0)
         self._beats.close(linger=0)
+        self._cut_flags.close()
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -31,6 +31,7 @@ class KVCache:
         data is in place and serving may keep writing it until the switch."""
         stage, t = topo.coords(rank)
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.kv_heads = topo.kv_heads_of(t, model.num_kv_heads)
         shape = (num_blocks, 2, block_size, len(self.kv_heads), model.head_dim)
         self.layers: dict[int, torch.Tensor] = {}

@@ -8,13 +8,15 @@ prepare  every pool worker builds the target's groups, shard and KV cache (layer
          its request holds it); meanwhile the engine keeps stepping on the old layout, and new
          requests wait for the target (their prefill would hold the switch up for a long step)
 drain    the moment every worker has answered both (the engine looks while it waits for a
-         step): submit no more steps and cut those in flight at their next layer boundary; a
-         step that ends first delivers its tokens, a cut one runs again on the target. So the
-         pause waits for one layer, not for the rest of a step (100-350 ms on 2 cores)
-migrate  preempt the newest requests if the target holds fewer blocks than are live; then, in
-& commit one round trip, every worker moves the KV slices of the live blocks not pre-copied
-         (those still filling, and any handed out again since) to their new owners and switches
-         to the target, tentatively until all have (then the engine confirms); block tables are
+         step), the pause begins: no more steps are sent and those in flight are cut at their
+         next half-layer boundary (remp.executor.cut); a step that ends first delivers its
+         tokens, a cut one runs again on the target. So the pause waits for half a layer, not
+         for the rest of a step (100-350 ms on 2 cores)
+migrate  right behind the cut (or after the drain, when the newest requests must be preempted
+& commit because the target holds fewer blocks than are live), one command: every worker, after
+         its own last step, moves the KV slices of the live blocks not pre-copied (those still
+         filling, and any handed out again since) to their new owners and switches to the
+         target, tentatively until all have (then the engine confirms); block tables are
          renumbered if the cache shrank; stepping resumes
 
 Any error before the confirmation aborts: the prepared state is dropped, a worker that had
@@ -50,14 +52,18 @@ class ReconfigResult:
     source: dict
     target: dict
     reason: str | None = None
-    # queued, plan, prepare (build and pre-copy, serving), drain (cut the steps in flight), migrate,
-    # commit, pause (= migrate + commit), total (all of them)
+    # queued, plan, prepare (build and pre-copy, serving), then the pause (= drain + commit): drain
+    # (cut the steps in flight), commit (migrate the rest and switch; of it or partly of the drain,
+    # the slowest rank's migrate); total (all of them)
     timings_s: dict[str, float] = field(default_factory=dict)
     kv_bytes_moved: int = 0  # crossed between ranks, pre-copy included
     kv_bytes_in_pause: int = 0  # the part of it moved in the pause
     weight_bytes_loaded: int = 0  # copied into target shards (0 where a shard is a view of the mapping)
     live_kv_blocks: int = 0
     precopied_kv_blocks: int = 0  # of the live blocks, those whose KV the pre-copy moved
+    # Exchange buffers the pause had to allocate, over all workers: 0 when the pre-copy set enough
+    # aside (remp.executor.messages.PrecopyCommand), so the pause touched no fresh memory.
+    kv_buffer_bytes_allocated_in_pause: int = 0
     num_kv_blocks: dict[str, int] = field(default_factory=dict)  # before / after
     preempted_request_ids: list[str] = field(default_factory=list)
     replaced_ranks: list[int] = field(default_factory=list)  # workers lost during the switch and restarted
@@ -101,11 +107,14 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     try:
         executor.prepare(target, num_blocks, engine.config.block_size)
         copied = _full_blocks(engine, num_blocks)
-        if copied:  # queued behind the preparation on each worker: no wait for "prepared" first
-            executor.precopy(wire, sorted(copied))
-        _serve_until(engine, on_outputs, ["prepared", "precopied"] if copied else ["prepared"], timeout_s)
+        filling = _filling_blocks(engine)
+        precopying = bool(copied or filling)
+        if precopying:  # queued behind the preparation on each worker: no wait for "prepared" first
+            # A request fills at most one more block before the pause (no new prompt is admitted).
+            executor.precopy(wire, sorted(copied), filling, len(filling) + len(engine.scheduler.running))
+        _serve_until(engine, on_outputs, ["prepared", "precopied"] if precopying else ["prepared"], timeout_s)
         prepared = executor.answers("prepared", timeout_s)
-        if copied:
+        if precopying:
             executor.answers("precopied", timeout_s)
         result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
         builds = [info["build_s"] for info in prepared.values() if "build_s" in info]  # standbys build nothing
@@ -113,19 +122,22 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
         executor.cut()  # the steps in flight stop at their next layer; they run again on the target
-        while executor.in_flight:
-            on_outputs(engine.collect())
-        t_paused = time.perf_counter()
-        result.timings_s["drain"] = t_paused - t_prepared
-        result.preempted_request_ids = engine.scheduler.shrink_to(num_blocks)
+        if sum(len(seq.block_ids) for seq in engine.scheduler.running) > num_blocks:
+            _drain(engine, on_outputs)  # preempting needs the steps in
+            result.preempted_request_ids = engine.scheduler.shrink_to(num_blocks)
+        # Otherwise the commit goes out right behind the cut (each worker runs it after its steps):
+        # the drain only frees blocks, so what it moves is a superset of what stays live, and it
+        # reaches the workers while they finish their steps instead of after.
         src_blocks = sorted(b for seq in engine.scheduler.running for b in seq.block_ids)
         remap = _renumber(src_blocks, num_blocks)
-        dst_blocks = [remap[b] for b in src_blocks]
         left = [b for b in src_blocks if copied.get(b) != engine.scheduler.blocks.handouts(b)]
         result.live_kv_blocks = len(src_blocks)
         result.precopied_kv_blocks = len(src_blocks) - len(left)
-        committed = executor.commit(target, engine.threads_for(target), timeout_s, wire, left,
-                                    [remap[b] for b in left])
+        executor.start_commit(engine.threads_for(target), wire, left, [remap[b] for b in left])
+        _drain(engine, on_outputs)
+        t_paused = time.perf_counter()
+        result.timings_s["drain"] = t_paused - t_prepared
+        committed = executor.finish_commit(target, timeout_s)
     except Exception as exc:
         result.outcome = "rolled_back"
         result.reason = f"{type(exc).__name__}: {exc}"
@@ -136,17 +148,28 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         engine.scheduler.admitting = True
     for seq in engine.scheduler.running:
         seq.block_ids = [remap[b] for b in seq.block_ids]
-    engine.scheduler.blocks = BlockManager(num_blocks, engine.config.block_size, used=dst_blocks)
+    engine.scheduler.blocks = BlockManager(num_blocks, engine.config.block_size,
+                                           used=[b for seq in engine.scheduler.running for b in seq.block_ids])
     t_end = time.perf_counter()
     result.outcome = "committed"
     result.kv_bytes_moved = per_block * (len(copied) + len(left))
     result.kv_bytes_in_pause = per_block * len(left)
-    # One round trip does both: the slowest rank's migration is "migrate", the rest "commit".
+    # The pause runs from the cut (no step is sent after it, and the cut ones yield no token) to
+    # the resume: drain, then commit (the rest of the migration, the swap, the answers). "migrate"
+    # is the slowest rank's migration, timed on the worker: a rank migrates right after its own
+    # last step, so part of it may fall in the drain.
+    result.timings_s["commit"] = t_end - t_paused
+    result.timings_s["pause"] = t_end - t_prepared
     result.timings_s["migrate"] = max(info["migrate_s"] for info in committed.values())
-    result.timings_s["commit"] = t_end - t_paused - result.timings_s["migrate"]
-    result.timings_s["pause"] = t_end - t_paused
+    result.kv_buffer_bytes_allocated_in_pause = sum(info["allocated_bytes"] for info in committed.values())
     result.timings_s["total"] = t_end - t_asked
     return result
+
+
+def _drain(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None]) -> None:
+    """Collect every step in flight (cut or not)."""
+    while engine.executor.in_flight:
+        on_outputs(engine.collect())
 
 
 def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], kinds: list[str],
@@ -177,6 +200,13 @@ def _full_blocks(engine: "LLMEngine", num_blocks: int) -> dict[int, int]:
     blocks = engine.scheduler.blocks
     return {b: blocks.handouts(b) for seq in engine.scheduler.running
             for b in seq.block_ids[:seq.num_computed // bs] if b < num_blocks}
+
+
+def _filling_blocks(engine: "LLMEngine") -> list[int]:
+    """The live blocks not full yet (the last of each request, and any a step in flight has
+    taken): the pause moves them."""
+    bs = engine.config.block_size
+    return [b for seq in engine.scheduler.running for b in seq.block_ids[seq.num_computed // bs:]]
 
 
 def _roll_back(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], result: ReconfigResult,

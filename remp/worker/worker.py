@@ -11,6 +11,7 @@ and sends the tokens back to the engine.
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import json
 import os
 import queue
@@ -28,7 +29,8 @@ import zmq
 
 from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
-from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand, CutCommand,
+from remp.executor.cut import CutFlags
+from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand,
                                     DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, SeqWork,
                                     ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
@@ -76,7 +78,8 @@ def inject_fault(phase: str, rank: int) -> None:
 
 
 class Worker:
-    def __init__(self, rank: int, pool_size: int, backend: str, model_path: str, dtype: torch.dtype, device: str):
+    def __init__(self, rank: int, pool_size: int, backend: str, model_path: str, dtype: torch.dtype, device: str,
+                 cut_flags: CutFlags):
         self.rank = rank
         self.pool_size = pool_size
         self.backend = backend
@@ -96,7 +99,8 @@ class Worker:
         self._pending_sends: list[dist.Work] = []
         self.block_size = 0  # of the KV cache, set by the first Prepare (the same for every layout)
         self.loaded = False  # a first layout (or standby) has been committed
-        self.cut_upto = -1  # steps up to this id stop at their next layer (set by the command thread)
+        self.cut_flags = cut_flags  # steps up to this rank's id stop at their next check (written by the engine)
+        self.pause_space: torch.Tensor | None = None  # the pause's exchange buffers, touched in the pre-copy
 
     def prepare(self, cmd: PrepareCommand) -> dict:
         """Build the target layout beside the steps that keep coming: its groups (collective over
@@ -127,53 +131,66 @@ class Worker:
                 "build_s": {"groups": t_groups - t0, "shard": t_shard - t_groups, "model": t_model - t_shard,
                             "kv": t_kv - t_model}}
 
-    def migrate(self, rows: list[list[int]], src_blocks: list[int], dst_blocks: list[int]) -> None:
+    def _routes(self, rows: list[list[int]]) -> tuple[list[KVTransfer], dict[int, list[KVTransfer]],
+                                                       dict[int, list[KVTransfer]]]:
+        """This rank's part of a migration: the slices that stay on it, those it sends (per peer)
+        and those it receives (per peer). `rows` are KVTransfer fields."""
+        local: list[KVTransfer] = []
+        sends: dict[int, list[KVTransfer]] = {}
+        recvs: dict[int, list[KVTransfer]] = {}
+        for t in (KVTransfer(*row) for row in rows):
+            if t.src_rank == self.rank and t.dst_rank == self.rank:
+                local.append(t)
+            elif t.src_rank == self.rank:
+                sends.setdefault(t.dst_rank, []).append(t)
+            elif t.dst_rank == self.rank:
+                recvs.setdefault(t.src_rank, []).append(t)
+        return local, sends, recvs
+
+    def _head_elements(self, num_blocks: int) -> int:
+        """Elements of one KV head's slice of `num_blocks` blocks (keys and values)."""
+        return num_blocks * 2 * self.block_size * self.model_config.head_dim
+
+    def migrate(self, rows: list[list[int]], src_blocks: list[int], dst_blocks: list[int],
+                space: torch.Tensor | None = None) -> int:
         """Send the slices this rank holds to their new owners and receive its own: one buffer
         per peer each way, posted together (batch_isend_irecv) so no pair can deadlock. Each
         slice is copied once on each side: gathered from the old cache straight into its place
         in the send buffer, scattered from the receive buffer straight into the new cache. The
         slices that stay on this rank are copied while the others cross (in the pause they were
         1-3 ms of a 5-12 ms migration on a rank that had them, spent before its sends went out).
-        `rows` are KVTransfer fields; block src_blocks[i] of the old cache is dst_blocks[i] of the new."""
+        The buffers are carved from `space` when it is big enough (the pause's, set aside by
+        `get_pause_ready`), else allocated; returns the bytes allocated. `rows` are KVTransfer
+        fields; block src_blocks[i] of the old cache is dst_blocks[i] of the new."""
         inject_fault("migrate", self.rank)
         new_kv = self.target[2] if self.target else None
-        transfers = [KVTransfer(*row) for row in rows]
+        local, sends, recvs = self._routes(rows)
         # A rank whose preparation failed has nowhere to put its slices (a pre-copy is queued
         # behind the preparation, not after its success): it still sends what it holds and takes
         # what it is sent, so no peer waits on it, and then fails.
-        unprepared = new_kv is None and any(t.dst_rank == self.rank for t in transfers)
+        unprepared = new_kv is None and bool(local or recvs)
+        local = [] if unprepared else [t for t in local if t.layer not in new_kv.reused]
         src_idx = torch.tensor(src_blocks, device=self.device)
         dst_idx = torch.tensor(dst_blocks, device=self.device)
-        local: list[KVTransfer] = []
-        sends: dict[int, list[KVTransfer]] = {}
-        recvs: dict[int, list[KVTransfer]] = {}
-        for t in transfers:
-            if t.src_rank == self.rank and t.dst_rank == self.rank:
-                if not unprepared and t.layer not in new_kv.reused:
-                    local.append(t)
-            elif t.src_rank == self.rank:
-                sends.setdefault(t.dst_rank, []).append(t)
-            elif t.dst_rank == self.rank:
-                recvs.setdefault(t.src_rank, []).append(t)
         shape = (len(src_blocks), 2, self.block_size, -1, self.model_config.head_dim)
-        per_head = shape[0] * shape[1] * shape[2] * shape[4]
-
-        def buffer(ts: list[KVTransfer]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            """One flat buffer for all of `ts` and each transfer's [blocks, 2, block, heads, dim] part of it."""
-            flat = torch.empty(sum(t.num_heads for t in ts) * per_head, dtype=self.dtype, device=self.device)
-            bounds = [0]
-            for t in ts:
-                bounds.append(bounds[-1] + t.num_heads * per_head)
-            return flat, [flat[a:b].view(shape) for a, b in zip(bounds, bounds[1:])]
-
-        outgoing = {dst: buffer(ts) for dst, ts in sends.items()}
-        for dst, ts in sends.items():
-            for t, part in zip(ts, outgoing[dst][1]):
+        per_head = self._head_elements(len(src_blocks))
+        peers = [*sends.items(), *recvs.items()]
+        total = sum(t.num_heads for _, ts in peers for t in ts) * per_head
+        fits = space is not None and space.numel() >= total
+        room = space if fits else torch.empty(total, dtype=self.dtype, device=self.device)
+        flats, parts, offset = [], [], 0
+        for _, ts in peers:  # one flat buffer per peer and direction, each transfer's part of it
+            size = sum(t.num_heads for t in ts) * per_head
+            flats.append(room[offset:offset + size])
+            bounds = itertools.accumulate((t.num_heads * per_head for t in ts), initial=offset)
+            parts.append([room[a:b].view(shape) for a, b in itertools.pairwise(bounds)])
+            offset += size
+        for (_, ts), out in zip(sends.items(), parts):
+            for t, part in zip(ts, out):
                 torch.index_select(self.kv.heads(t.layer, t.src_head, t.num_heads), 0, src_idx, out=part)
-        incoming = {src: buffer(ts) for src, ts in recvs.items()}
         group = self.groups.migration
-        ops = [dist.P2POp(dist.irecv, flat, src, group) for src, (flat, _) in incoming.items()]
-        ops += [dist.P2POp(dist.isend, flat, dst, group) for dst, (flat, _) in outgoing.items()]
+        ops = [dist.P2POp(dist.isend, flat, dst, group) for dst, flat in zip(sends, flats)]
+        ops += [dist.P2POp(dist.irecv, flat, src, group) for src, flat in zip(recvs, flats[len(sends):])]
         exchanges = dist.batch_isend_irecv(ops) if ops else []
         try:
             for t in local:
@@ -183,19 +200,46 @@ class Worker:
             _wait_all(exchanges)
         if unprepared:
             raise RuntimeError("no prepared layout to copy KV into (its preparation failed)")
-        for src, ts in recvs.items():
-            for t, part in zip(ts, incoming[src][1]):
+        for (_, ts), out in zip(recvs.items(), parts[len(sends):]):
+            for t, part in zip(ts, out):
                 new_kv.heads(t.layer, t.dst_head, t.num_heads).index_copy_(0, dst_idx, part)
+        return 0 if fits else total * room.element_size()
+
+    def precopy(self, cmd: PrecopyCommand) -> None:
+        """Beside the steps: copy the full blocks, then get the pause ready for the rest."""
+        if cmd.blocks:
+            self.migrate(cmd.transfers, cmd.blocks, cmd.blocks)
+        self.get_pause_ready(cmd.transfers, cmd.filling, cmd.room)
+
+    def get_pause_ready(self, rows: list[list[int]], filling: list[int], room: int) -> None:
+        """Touch now what the pause will write (see PrecopyCommand): the exchange buffers for
+        `room` blocks, and the target's blocks `filling` in every layer the pause writes (all but
+        the layers shared with the cache in use, where the data already is)."""
+        _, sends, recvs = self._routes(rows)
+        heads = sum(t.num_heads for ts in [*sends.values(), *recvs.values()] for t in ts)
+        self.pause_space = torch.zeros(heads * self._head_elements(room), dtype=self.dtype, device=self.device)
+        new_kv = self.target[2] if self.target else None
+        if new_kv is None:  # leaving the layout (it may still send) or standby
+            return
+        blocks = torch.tensor([b for b in filling if b < new_kv.num_blocks], dtype=torch.long, device=self.device)
+        for layer, cache in new_kv.layers.items():
+            if layer not in new_kv.reused:
+                cache.index_fill_(0, blocks, 0)
 
     def commit(self, cmd: CommitCommand) -> dict:
-        """Move the KV left for the pause, then switch, tentatively (see CommitCommand)."""
+        """Move the KV left for the pause, then switch, tentatively (see CommitCommand). The commit
+        may follow steps still in flight elsewhere: the hidden states this rank sent the next
+        stage are taken first (dropping a send under way would lose it)."""
+        _wait_all(self._pending_sends)
+        self._pending_sends.clear()
         t0 = time.perf_counter()
+        allocated = 0
         if cmd.src_blocks:
-            self.migrate(cmd.transfers, cmd.src_blocks, cmd.dst_blocks)
-        info = {"migrate_s": time.perf_counter() - t0}
+            allocated = self.migrate(cmd.transfers, cmd.src_blocks, cmd.dst_blocks, self.pause_space)
+        self.pause_space = None
+        info = {"migrate_s": time.perf_counter() - t0, "allocated_bytes": allocated}
         self.previous = (self.topo, self.model, self.kv, self.loaded, torch.get_num_threads())
         use_threads(cmd.threads)
-        self._pending_sends.clear()
         self.loaded = True
         self.topo, self.model, self.kv = self.target or (None, None, None)  # no target: standby
         self.target = None
@@ -204,6 +248,7 @@ class Worker:
     def abort(self) -> dict:
         """Drop the prepared layout, and go back to the old one if a commit was not yet confirmed."""
         self.target = None
+        self.pause_space = None
         if self.previous is not None:
             self.topo, self.model, self.kv, self.loaded, threads = self.previous
             self.previous = None
@@ -259,7 +304,7 @@ class Worker:
         self._pending_sends = [w for w in self._pending_sends if not w.is_completed()]
         # Asked after each layer on a CPU, where a step takes up to hundreds of ms. On a GPU a step
         # takes milliseconds, and reading each layer's answer would stall the kernel queue.
-        cut = (lambda: cmd.step_id <= self.cut_upto) if self.device.type == "cpu" else None
+        cut = (lambda: cmd.step_id <= self.cut_flags.upto(self.rank)) if self.device.type == "cpu" else None
         size = len(batch.input_ids) * self.model_config.hidden_size
         out = None
         try:
@@ -357,7 +402,7 @@ def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) ->
 
 
 def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_addr: str, result_addr: str,
-                beat_addr: str, model_path: str, dtype: str, device: str) -> None:
+                beat_addr: str, cut_path: str, model_path: str, dtype: str, device: str) -> None:
     """Process entry point (dtype is a torch attribute name such as 'float32').
 
     Runs until a ShutdownCommand, or until its parent (the engine) is gone. A failed command —
@@ -423,12 +468,9 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 if isinstance(msg, PrepareCommand):
                     building = in_background("prepared", msg.switch_id, lambda msg=msg: worker.prepare(msg))
                 elif isinstance(msg, PrecopyCommand):
-                    building = in_background("precopied", msg.switch_id,
-                                             lambda msg=msg: worker.migrate(msg.transfers, msg.blocks, msg.blocks))
+                    building = in_background("precopied", msg.switch_id, lambda msg=msg: worker.precopy(msg))
                 elif isinstance(msg, StepCommand):
                     inbox.put((msg, None))
-                elif isinstance(msg, CutCommand):  # here, not in the inbox: it must reach a step under way
-                    worker.cut_upto = max(worker.cut_upto, msg.upto)
                 else:
                     inbox.put((msg, building))
                     building = None
@@ -440,7 +482,8 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
     receiver = threading.Thread(target=receive, name="remp-commands", daemon=True)
     try:
         init_world(rank, pool_size, dist_init, backend)
-        worker = Worker(rank, pool_size, backend, model_path, getattr(torch, dtype), device)
+        worker = Worker(rank, pool_size, backend, model_path, getattr(torch, dtype), device,
+                        CutFlags(cut_path, pool_size))
         receiver.start()
         reply("ready", {"pid": os.getpid()})
         while True:
