@@ -88,7 +88,6 @@ def test_every_switch_keeps_tokens_and_kv_bytes(engine, reference):
         assert engine.topology == target
         assert result.precopied_kv_blocks > 0, "full blocks are copied before the pause"
         assert result.kv_bytes_in_pause <= result.kv_bytes_moved
-        assert result.kv_buffer_bytes_allocated_in_pause == 0, "the pre-copy sets the pause's buffers aside"
         blocks_after = full_blocks(engine)
         after = engine.kv_digests(list(blocks_after.values()))
         assert all(len(v) == 1 for v in after.values())  # replicated heads agree
@@ -249,6 +248,35 @@ def test_a_commit_behind_a_step_in_flight_waits_until_the_next_stage_takes_its_h
     finally:
         executor.shutdown()
     assert first + second == reference[0][:2]
+
+
+@pytest.mark.parametrize("room", [3, 1])
+def test_the_pause_uses_the_buffers_the_precopy_set_aside(tiny_gqa, room):
+    """The pre-copy moves the full blocks and sets aside the pause's exchange buffers for `room`
+    blocks; the pause moves the three filling ones. With room for them it allocates nothing;
+    with too little it allocates its own. Either way every slice arrives byte for byte."""
+    source, target = Topology(1, 1), Topology(1, 2)
+    prompt = PROMPTS[1]  # 41 tokens: blocks 0-9 full, block 10 filling (block size 4)
+    blocks = list(range(11))
+    executor = LocalExecutor(tiny_gqa, 2, "float32")
+    try:
+        executor.load(source, num_blocks=16, block_size=4, threads=1)
+        executor.submit(StepCommand(1, [SeqWork(seq_id=0, token_ids=prompt, start=0, block_table=blocks,
+                                                temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)]))
+        executor.next_result(timeout_s=30)
+        before = executor.kv_digests(blocks)[0]
+        executor.prepare(target, num_blocks=16, block_size=4)
+        wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
+        executor.precopy(wire, blocks[:8], filling=blocks[8:], room=room)
+        executor.answers("prepared", timeout_s=30)
+        executor.answers("precopied", timeout_s=30)
+        executor.start_commit(1, wire, blocks[8:], blocks[8:])
+        allocated = sum(info["allocated_bytes"] for info in executor.finish_commit(target, timeout_s=30).values())
+        after = executor.kv_digests(blocks)
+    finally:
+        executor.shutdown()
+    assert {**after[0], **after[1]} == before
+    assert (allocated == 0) == (room >= 3)
 
 
 @pytest.mark.parametrize("layout", [Topology(1, 2), Topology(2, 1)], ids=str)
