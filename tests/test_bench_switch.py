@@ -15,7 +15,8 @@ from remp.topology import Topology, TopologyError
 def _switch(source: str, target: str, pause_s: float, total_s: float, kv: int, outcome: str = "committed") -> Switch:
     return Switch(source=source, target=target, outcome=outcome, reason=None, pause_s=pause_s, total_s=total_s,
                   kv_bytes_moved=kv, kv_bytes_in_pause=kv // 4, weight_bytes_loaded=3 * 2**20, live_kv_blocks=2,
-                  preempted=0, timings_s={"pause": pause_s, "total": total_s}, build_s={"groups": 0.001})
+                  preempted=0, timings_s={"pause": pause_s, "drain": pause_s / 4, "commit": pause_s * 3 / 4,
+                                          "total": total_s}, build_s={"groups": 0.001})
 
 
 def test_valid_layouts_of_tiny_gqa_on_four_workers(tiny_gqa):
@@ -35,6 +36,7 @@ def test_score_derives_speedup_floor_and_ratio():
     assert row.speedup == pytest.approx(20.0)
     assert row.floor_s == pytest.approx(4 / 2048)
     assert row.pause_over_floor == pytest.approx(0.02 / (4 / 2048))
+    assert row.after_drain_over_floor == pytest.approx(0.015 / (4 / 2048))
 
 
 def test_score_without_kv_or_commit_has_no_floor_or_speedup():
@@ -53,8 +55,8 @@ def test_lost_requests_are_failures_and_wrong_lengths():
     assert (load.issued, load.completed, load.lost) == (3, 1, 2)
     assert load.errors == ["31 tokens instead of 32", "HTTP 500: boom"]
     rows = [score(_switch("a", "b", 0.01, 1.0, 0), 4.0, 1e9), score(_switch("b", "a", 0.01, 0.5, 0), 4.0, 1e9)]
-    assert summary_line(rows, load).endswith("median 6.0x, worst 4.0x; pause/floor median n/a; "
-                                             "requests lost 2/3")
+    assert summary_line(rows, load).endswith("median 6.0x, worst 4.0x; pause/floor median n/a (after the drain: "
+                                             "n/a); requests lost 2/3")
 
 
 def test_heatmap_is_written(tmp_path):

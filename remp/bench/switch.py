@@ -91,6 +91,9 @@ class PairResult(Switch):
     speedup: float | None  # restart_s / total_s; None unless the switch committed
     floor_s: float | None  # kv_bytes_moved / bandwidth; None when no KV moved
     pause_over_floor: float | None
+    # The part of the pause after the drain ("commit": the rest of the migration, the swap) over the
+    # floor: what sessions before 2026-11-29 (session 10) called the pause, for comparison.
+    after_drain_over_floor: float | None
 
 
 @dataclass
@@ -129,12 +132,14 @@ def score(switch: Switch, restart_s: float, bandwidth: float) -> PairResult:
     """The derived columns of one pair (bandwidth in bytes/s)."""
     committed = switch.outcome == "committed" and switch.total_s > 0
     floor_s = switch.kv_bytes_moved / bandwidth if switch.kv_bytes_moved else None
+    after_drain = switch.timings_s.get("commit")
     return PairResult(
         **asdict(switch),
         restart_s=restart_s,
         speedup=restart_s / switch.total_s if committed else None,
         floor_s=floor_s,
         pause_over_floor=switch.pause_s / floor_s if floor_s else None,
+        after_drain_over_floor=after_drain / floor_s if floor_s and after_drain is not None else None,
     )
 
 
@@ -271,11 +276,13 @@ def format_table(rows: list[PairResult]) -> str:
 def summary_line(rows: list[PairResult], load: LoadStats) -> str:
     speedups = [r.speedup for r in rows if r.speedup is not None]
     ratios = [r.pause_over_floor for r in rows if r.pause_over_floor is not None]
+    after_drain = [r.after_drain_over_floor for r in rows if r.after_drain_over_floor is not None]
     committed = sum(r.outcome == "committed" for r in rows)
     return (f"{committed}/{len(rows)} switches committed; speedup vs restart: median "
             f"{_fmt(statistics.median(speedups) if speedups else None, '.1f', 'x')}, worst "
             f"{_fmt(min(speedups) if speedups else None, '.1f', 'x')}; pause/floor median "
-            f"{_fmt(statistics.median(ratios) if ratios else None, '.1f', 'x')}; "
+            f"{_fmt(statistics.median(ratios) if ratios else None, '.1f', 'x')} (after the drain: "
+            f"{_fmt(statistics.median(after_drain) if after_drain else None, '.1f', 'x')}); "
             f"requests lost {load.lost}/{load.issued}")
 
 
