@@ -189,8 +189,8 @@ class Worker:
             for t, part in zip(ts, out):
                 torch.index_select(self.kv.heads(t.layer, t.src_head, t.num_heads), 0, src_idx, out=part)
         group = self.groups.migration
-        ops = [dist.P2POp(dist.isend, flat, dst, group) for dst, flat in zip(sends, flats)]
-        ops += [dist.P2POp(dist.irecv, flat, src, group) for src, flat in zip(recvs, flats[len(sends):])]
+        ops = [dist.P2POp(dist.irecv, flat, src, group) for src, flat in zip(recvs, flats[len(sends):])]
+        ops += [dist.P2POp(dist.isend, flat, dst, group) for dst, flat in zip(sends, flats)]
         exchanges = dist.batch_isend_irecv(ops) if ops else []
         try:
             for t in local:
@@ -302,8 +302,8 @@ class Worker:
         batch = self._batch(cmd.seqs, self.kv.block_size)
         t1 = time.perf_counter()
         self._pending_sends = [w for w in self._pending_sends if not w.is_completed()]
-        # Asked after each layer on a CPU, where a step takes up to hundreds of ms. On a GPU a step
-        # takes milliseconds, and reading each layer's answer would stall the kernel queue.
+        # Asked after each attention and MLP on a CPU, where a step takes up to hundreds of ms. On a
+        # GPU a step takes milliseconds, and reading each answer would stall the kernel queue.
         cut = (lambda: cmd.step_id <= self.cut_flags.upto(self.rank)) if self.device.type == "cpu" else None
         size = len(batch.input_ids) * self.model_config.hidden_size
         out = None
