@@ -281,7 +281,7 @@ def test_the_pause_uses_the_buffers_the_precopy_set_aside(tiny_gqa, room):
 
 @pytest.mark.parametrize("layout", [Topology(1, 2), Topology(2, 1)], ids=str)
 def test_a_cut_step_stops_on_every_rank_and_runs_again_right(tiny_gqa, reference, layout):
-    """A switch that wants its pause cuts the steps under way at a half-layer boundary. Here the
+    """A switch that wants its pause cuts the steps under way at their next check. Here the
     cut is set for rank 0 only, as when rank 0 reads its slot after the engine wrote it and its
     peer read before: in a pipeline the next stage learns it from the hidden state it receives;
     across tensor ranks it rides on the all-reduce, so both stop at the same point (one stopping

@@ -1,7 +1,8 @@
 """Cut flags: how a layout switch stops the steps under way, with a store to memory.
 
-A switch that is ready for its pause cuts the steps in flight at their next half-layer
-boundary (remp.reconfig.transaction, drain). The engine says so by writing, for each rank,
+A switch that is ready for its pause cuts the steps in flight at their next check: after each
+attention and each MLP, and at tp=1 within them and the lm_head too (remp.model.llama;
+remp.reconfig.transaction, drain). The engine says so by writing, for each rank,
 the id of the last step to cut into one int64 of a small file in the executor's private
 directory, which the engine and every worker map: a worker reads its own slot at each check,
 with no message to receive and no thread to wake on cores busy with the very step to stop.

@@ -250,7 +250,7 @@ class LocalExecutor:
         """Ask every worker to move the live KV of `src_blocks` not yet in place (to `dst_blocks`)
         and switch to the prepared layout, in one command. A worker runs it after the steps sent
         to it before, so it may go out with steps still in flight (cut ones, say)."""
-        self._broadcast(CommitCommand(threads, transfers or [], src_blocks or [], dst_blocks or []))
+        self._broadcast(CommitCommand(threads, self._switch_id, transfers or [], src_blocks or [], dst_blocks or []))
 
     def finish_commit(self, topo: Topology, timeout_s: float) -> dict[int, dict]:
         """Every worker's answer to the commit (with "migrate_s"). Once all have answered the
@@ -316,8 +316,8 @@ class LocalExecutor:
         return self.answers("digest", timeout_s)
 
     def cut(self) -> None:
-        """Stop every step in flight at its next half-layer boundary; each comes back cut (its
-        result has `cut` set and no tokens) unless it ended first."""
+        """Stop every step in flight at its next check (remp.executor.cut); each comes back cut
+        (its result has `cut` set and no tokens) unless it ended first."""
         if self.in_flight:
             self._cut_flags.cut(self.in_flight[-1], range(self.topology.world_size))
 

@@ -54,8 +54,9 @@ class PrecopyCommand:
     src_head, dst_head, num_heads]. The KV left for the pause travels in the CommitCommand.
 
     Also get the pause ready for the rest: `filling` are the live blocks still being written,
-    which the pause will move with at most `room` blocks in all. Their places in the target
-    cache are written once now and the pause's exchange buffers for `room` blocks are set aside,
+    which the pause will move with about `room` blocks in all. Their places in the target cache
+    (those that keep their ids) are written once now and the pause's exchange buffers for `room`
+    blocks are set aside,
     so the pause touches no fresh memory (a first touch costs a page fault, ~2 us per 4 KiB
     here: the send buffer, the receive buffer and the target's slices of 1.4 MiB of KV cost
     ~0.8 ms each, against ~0.3 ms for the copies themselves)."""
@@ -76,6 +77,7 @@ class CommitCommand:
     fails here leaves no peer stranded on the new one."""
 
     threads: int
+    switch_id: int  # echoed in the reply: one of an abandoned switch is told apart and dropped
     transfers: list[list[int]] = field(default_factory=list)
     src_blocks: list[int] = field(default_factory=list)
     dst_blocks: list[int] = field(default_factory=list)

@@ -22,7 +22,7 @@ from remp.topology import Topology
 
 
 class StepCut(Exception):
-    """A step was cut short at a half-layer boundary (see remp.executor.cut)."""
+    """A step was cut short at a check (see remp.executor.cut and StageModel.forward)."""
 
 
 def with_cut_flag(x: torch.Tensor, cut: bool) -> torch.Tensor:

@@ -9,9 +9,9 @@ prepare  every pool worker builds the target's groups, shard and KV cache (layer
          requests wait for the target (their prefill would hold the switch up for a long step)
 drain    the moment every worker has answered both (the engine looks while it waits for a
          step), the pause begins: no more steps are sent and those in flight are cut at their
-         next half-layer boundary (remp.executor.cut); a step that ends first delivers its
-         tokens, a cut one runs again on the target. So the pause waits for half a layer, not
-         for the rest of a step (100-350 ms on 2 cores)
+         next check (remp.executor.cut); a step that ends first delivers its tokens, a cut one
+         runs again on the target. So the pause waits for a few ms, not for the rest of a step
+         (100-350 ms on 2 cores)
 migrate  right behind the cut (or after the drain, when the newest requests must be preempted
 & commit because the target holds fewer blocks than are live), one command: every worker, after
          its own last step, moves the KV slices of the live blocks not pre-copied (those still
@@ -52,9 +52,9 @@ class ReconfigResult:
     source: dict
     target: dict
     reason: str | None = None
-    # queued, plan, prepare (build and pre-copy, serving), then the pause (= drain + commit): drain
-    # (cut the steps in flight), commit (migrate the rest and switch; of it or partly of the drain,
-    # the slowest rank's migrate); total (all of them)
+    # queued, plan, prepare (build and pre-copy, serving), drain (cut the steps in flight), commit
+    # (move the KV left and switch), pause (= drain + commit), migrate (the slowest rank's migration,
+    # timed on the worker; it may begin in the drain), total (all of them)
     timings_s: dict[str, float] = field(default_factory=dict)
     kv_bytes_moved: int = 0  # crossed between ranks, pre-copy included
     kv_bytes_in_pause: int = 0  # the part of it moved in the pause
@@ -110,8 +110,11 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         filling = _filling_blocks(engine)
         precopying = bool(copied or filling)
         if precopying:  # queued behind the preparation on each worker: no wait for "prepared" first
-            # A request fills at most one more block before the pause (no new prompt is admitted).
-            executor.precopy(wire, sorted(copied), filling, len(filling) + len(engine.scheduler.running))
+            # Room for every live block not pre-copied, and one more per request: no new prompt is
+            # admitted, and a decode fills a block in block_size steps (the pause allocates the
+            # rest if a long prepare lets a request fill more).
+            live = sum(len(seq.block_ids) for seq in engine.scheduler.running)
+            executor.precopy(wire, sorted(copied), filling, live - len(copied) + len(engine.scheduler.running))
         _serve_until(engine, on_outputs, ["prepared", "precopied"] if precopying else ["prepared"], timeout_s)
         prepared = executor.answers("prepared", timeout_s)
         if precopying:
@@ -121,7 +124,7 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         result.build_s = {part: max(b[part] for b in builds) for part in (builds[0] if builds else {})}
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
-        executor.cut()  # the steps in flight stop at their next layer; they run again on the target
+        executor.cut()  # the steps in flight stop at their next check; they run again on the target
         if sum(len(seq.block_ids) for seq in engine.scheduler.running) > num_blocks:
             _drain(engine, on_outputs)  # preempting needs the steps in
             result.preempted_request_ids = engine.scheduler.shrink_to(num_blocks)

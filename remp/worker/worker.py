@@ -230,8 +230,10 @@ class Worker:
         """Move the KV left for the pause, then switch, tentatively (see CommitCommand). The commit
         may follow steps still in flight elsewhere: the hidden states this rank sent the next
         stage are taken first (dropping a send under way would lose it)."""
-        _wait_all(self._pending_sends)
-        self._pending_sends.clear()
+        try:
+            _wait_all(self._pending_sends)
+        finally:
+            self._pending_sends.clear()
         t0 = time.perf_counter()
         allocated = 0
         if cmd.src_blocks:
@@ -307,6 +309,7 @@ class Worker:
         cut = (lambda: cmd.step_id <= self.cut_flags.upto(self.rank)) if self.device.type == "cpu" else None
         size = len(batch.input_ids) * self.model_config.hidden_size
         out = None
+        failure: Exception | None = None
         try:
             hidden = None
             if not model.is_first:
@@ -320,10 +323,21 @@ class Worker:
             out = model.forward(batch, hidden, self.kv, cut)
         except StepCut:
             pass
+        except Exception as exc:
+            # A step that fails (a lost tensor peer, say) still passes a cut on: the next stage would
+            # wait for this hidden state until the collective timeout, and no Reform would break
+            # that wait, as this rank's next command may be a commit sent right behind the cut.
+            if model.is_last:
+                raise
+            failure = exc
         if not model.is_last:
             body = out if out is not None else torch.zeros(size, dtype=self.dtype, device=self.device)
             message = with_cut_flag(body, out is None)
-            self._pending_sends.append(dist.isend(message, dst=topo.rank(model.stage + 1, model.tp_rank)))
+            try:
+                self._pending_sends.append(dist.isend(message, dst=topo.rank(model.stage + 1, model.tp_rank)))
+            finally:
+                if failure is not None:
+                    raise failure
             return None
         if out is None:  # every rank of the stage agreed (see StageModel._all_reduce); the first answers
             return StepResult(step_id=cmd.step_id, token_ids=[], logprobs=[], parse_s=t1 - t0,
@@ -503,14 +517,17 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 continue
             if building is not None:
                 wait([building])
+            # A commit's answer carries its switch: one of a switch given up (a lost peer) is dropped.
+            tag = {"switch": msg.switch_id} if isinstance(msg, CommitCommand) else {}
             try:
                 answer = worker.control(msg)
             except Exception as exc:
                 worker.abort()
-                reply("error", *_failure(exc, f"{type(msg).__name__}: "))
+                failure, message = _failure(exc, f"{type(msg).__name__}: ")
+                reply("error", {**failure, **tag}, message)
                 continue
             if answer is not None:
-                reply(*answer)
+                reply(answer[0], {**answer[1], **tag})
     except Exception as exc:  # a failed start-up (or a broken command socket): report, then die
         reply("error", *_failure(exc))
         raise
