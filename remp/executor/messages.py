@@ -56,10 +56,9 @@ class PrecopyCommand:
     Also get the pause ready for the rest: `filling` are the live blocks still being written,
     which the pause will move with about `room` blocks in all. Their places in the target cache
     (those that keep their ids) are written once now and the pause's exchange buffers for `room`
-    blocks are set aside,
-    so the pause touches no fresh memory (a first touch costs a page fault, ~2 us per 4 KiB
-    here: the send buffer, the receive buffer and the target's slices of 1.4 MiB of KV cost
-    ~0.8 ms each, against ~0.3 ms for the copies themselves)."""
+    blocks are set aside, so the pause touches no fresh memory (a first touch costs a page
+    fault, ~2 us per 4 KiB here: the send buffer, the receive buffer and the target's slices of
+    1.4 MiB of KV cost ~0.8 ms each, against ~0.3 ms for the copies themselves)."""
 
     transfers: list[list[int]]
     blocks: list[int]

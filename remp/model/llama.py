@@ -95,8 +95,7 @@ class StageModel:
         all-reduce, so all ranks of the stage stop at the same layer or none does — one leaving
         alone would strand the others in their next collective."""
         if self.tp_group is None:
-            if cut is not None and cut():
-                raise StepCut
+            self._stop_if_cut(cut)
             return x
         if cut is None:
             dist.all_reduce(x, group=self.tp_group)
@@ -108,9 +107,10 @@ class StageModel:
         return flat[:-1].view_as(x)
 
     def _stop_if_cut(self, cut: Callable[[], bool] | None) -> None:
-        """A check between two all-reduces, where only a rank with no tensor peers (tp=1) may stop
-        alone. There, a layer has five checks, not two: a prefill layer takes up to ~13 ms on
-        2 cores, and a switch waits for the check after the cut."""
+        """A check only a rank with no tensor peers (tp=1) acts on, since it may stop alone: the
+        all-reduce's own check when there is no group, three more within attention and MLP, and
+        one between lm_head chunks (`_logits`). There, a layer has five checks, not two: a prefill
+        layer takes up to ~13 ms on 2 cores, and a switch waits for the check after the cut."""
         if cut is not None and self.tp_group is None and cut():
             raise StepCut
 
