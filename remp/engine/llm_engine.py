@@ -18,7 +18,7 @@ from remp.engine.detokenizer import DetokState, Detokenizer
 from remp.engine.outputs import RequestMetrics, RequestOutput
 from remp.engine.sampling import SamplingParams
 from remp.engine.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
-from remp.executor.local import LocalExecutor
+from remp.executor.local import LOST_PEER_GRACE_S, LocalExecutor, PoolLostError, WorkerError
 from remp.executor.messages import SeqWork, StepCommand
 from remp.kv.blocks import BlockManager
 from remp.kv.cache import blocks_for_budget
@@ -48,6 +48,15 @@ class Recovery:
     replaced_ranks: list[int]
     preempted_request_ids: list[str]
     cause: str  # e.g. "rank 1 exited (code -9)", "rank 2 hung"
+
+
+# How many times a recovery rebuilds the pool (each try may lose another worker) before giving up.
+MAX_RECOVERY_ATTEMPTS = 3
+
+
+def _cause(executor: LocalExecutor, ranks: list[int]) -> str:
+    return ", ".join(f"rank {r} exited (code {executor.procs[r].returncode})"
+                     if executor.procs[r].poll() is not None else f"rank {r} hung" for r in ranks)
 
 
 class LLMEngine:
@@ -239,26 +248,46 @@ class LLMEngine:
         pool cannot be rebuilt."""
         executor, topo = self.executor, self.executor.topology
         failed = executor.failed_ranks()
-        cause = ", ".join(f"rank {r} exited (code {executor.procs[r].returncode})"
-                          if executor.procs[r].poll() is not None else f"rank {r} hung" for r in failed)
+        cause = _cause(executor, failed)
         executor.kill(failed)
         preempted: list[str] = []
         if any(topo.coords(r) is not None for r in failed):
-            for items in self._batches.values():
-                for item in items:
-                    self.scheduler.step_done(item, cut=True)
-            self._batches.clear()
-            self._submit_times.clear()
-            for seq in reversed(list(self.scheduler.running)):
-                self.scheduler.preempt(seq)
-                preempted.append(seq.request_id)
+            preempted = self._drop_kv()
         else:
             while executor.in_flight:
                 on_outputs(self.collect())
-        replaced = executor.replace()
-        executor.load(topo, self.scheduler.blocks.num_blocks, self.config.block_size, self.threads_for(topo))
+        replaced: set[int] = set()
+        for attempt in range(1, MAX_RECOVERY_ATTEMPTS + 1):
+            try:
+                replaced.update(executor.replace())
+                executor.load(topo, self.scheduler.blocks.num_blocks, self.config.block_size, self.threads_for(topo))
+                break
+            except PoolLostError:
+                raise
+            except WorkerError as exc:  # lost another worker while rebuilding: replace it too
+                lost = executor.failed_ranks(wait_s=LOST_PEER_GRACE_S)
+                if not lost or attempt == MAX_RECOVERY_ATTEMPTS:
+                    raise PoolLostError(f"could not rebuild the worker pool in {attempt} tries; last: {exc}") from exc
+                cause += f"; then {_cause(executor, lost)} while replacing"
+                executor.kill(lost)
+                if any(topo.coords(r) is not None for r in lost):
+                    preempted += self._drop_kv()
         self.num_worker_replacements += len(replaced)
-        return Recovery(replaced, preempted, cause)
+        return Recovery(sorted(replaced), preempted, cause)
+
+    def _drop_kv(self) -> list[str]:
+        """A serving rank is lost and the KV with it: forget the steps in flight and preempt every
+        running request (it recomputes; its tokens do not change). Returns their ids."""
+        for items in self._batches.values():
+            for item in items:
+                self.scheduler.step_done(item, cut=True)
+        self._batches.clear()
+        self._submit_times.clear()
+        preempted = []
+        for seq in reversed(list(self.scheduler.running)):
+            self.scheduler.preempt(seq)
+            preempted.append(seq.request_id)
+        return preempted
 
     def kv_digests(self, blocks: list[int]) -> dict[str, set[str]]:
         """Hash of every (layer, KV head, block) slice, gathered over the ranks holding it

@@ -28,6 +28,7 @@ from remp.executor.cut import CutFlags
 from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand,
                                     DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand,
                                     StepCommand, StepResult, WorkerReply, decode, encode)
+from remp.parallel.groups import RENDEZVOUS_TIMEOUT
 from remp.topology import Topology
 
 
@@ -38,6 +39,12 @@ LOST_PEER_GRACE_S = 5.0
 # (nothing sends it a thousand commands unread); a gone one has no connection left, and a
 # blocking send would wait for a reconnection that never comes.
 COMMAND_SEND_TIMEOUT_MS = 1000
+# How many worlds `replace` tries to form (fresh processes each time for the ranks lost) before the
+# pool is given up (PoolLostError).
+MAX_FORMATION_ATTEMPTS = 3
+# How long members of a failed rendezvous may take to report it (each gives up after
+# RENDEZVOUS_TIMEOUT); one that says nothing by then is taken for hung.
+SETTLE_S = RENDEZVOUS_TIMEOUT.total_seconds() + 5.0
 
 
 class WorkerError(RuntimeError):
@@ -46,6 +53,15 @@ class WorkerError(RuntimeError):
 
 class WorkerReportedError(WorkerError):
     """A worker is alive and reported that a command failed."""
+
+    def __init__(self, message: str, reply: WorkerReply):
+        super().__init__(message)
+        self.reply = reply
+
+
+class PoolLostError(WorkerError):
+    """The pool could not be rebuilt after lost workers (MAX_FORMATION_ATTEMPTS tries): nothing
+    can be served any more."""
 
 
 class LocalExecutor:
@@ -69,9 +85,9 @@ class LocalExecutor:
         self._backend = "nccl" if device.startswith("cuda") else "gloo"
         self._model_path, self._dtype, self._device = model_path, dtype, device
         self._generation = itertools.count()
-        self._dist_init = self._new_store()
         self.procs: list[subprocess.Popen] = [None] * pool_size
         self._cmds: list[zmq.Socket] = [None] * pool_size
+        self._spawned_at = [0.0] * pool_size
         self._last_beat = [0.0] * pool_size
         self._hung: set[int] = set()
         self._lost: set[int] = set()  # killed, awaiting `replace`: waits no longer watch them
@@ -81,10 +97,12 @@ class LocalExecutor:
         self._early: dict[int, StepResult] = {}
         self._replies: dict[tuple[str, int], WorkerReply] = {}
         self._switch_id = 0  # of the switch under way; replies of older (or abandoned) ones are dropped
+        self._formation = 0  # of the last world formed (ReformCommand); replies of older ones are dropped
+        # Seconds from spawning a process to its joining the world, for every process started
+        # (the first pool and every replacement): what a recovery is measured against.
+        self.startup_s: list[float] = []
         try:
-            for rank in range(pool_size):
-                self._spawn(rank, os.environ)
-            self._wait_replies("ready", range(pool_size), start_timeout_s)
+            self._form(list(range(pool_size)), [], start_timeout_s, os.environ)
         except BaseException:
             self.shutdown()
             raise
@@ -106,12 +124,14 @@ class LocalExecutor:
             self._cmds[rank].close(linger=0)
         self._cmds[rank] = sock
         device = f"cuda:{rank}" if self._device == "cuda" else self._device
-        spec = dict(rank=rank, pool_size=self.pool_size, dist_init=self._dist_init, backend=self._backend,
+        spec = dict(rank=rank, pool_size=self.pool_size, backend=self._backend,
                     cmd_addr=addr, result_addr=self._result_addr, beat_addr=self._beat_addr,
                     cut_path=self._cut_path, model_path=self._model_path, dtype=self._dtype, device=device)
         env = {**env, "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo")}
-        self._last_beat[rank] = time.monotonic()
+        self._last_beat[rank] = self._spawned_at[rank] = time.monotonic()
         self._beating.discard(rank)
+        self._lost.discard(rank)  # a new process: its exit counts from now on
+        self._replies = {key: msg for key, msg in self._replies.items() if key[1] != rank}  # the old one's
         self.procs[rank] = subprocess.Popen([sys.executable, "-m", "remp.worker.worker", json.dumps(spec)], env=env)
 
     def _poll(self, timeout_ms: int):
@@ -119,10 +139,11 @@ class LocalExecutor:
         if not self._results.poll(timeout_ms):
             return None
         msg = decode(self._results.recv())
-        if isinstance(msg, WorkerReply) and msg.info.get("switch", self._switch_id) != self._switch_id:
-            return None  # from a switch given up: its replies may trail the "aborted" ones
+        if isinstance(msg, WorkerReply) and (msg.info.get("switch", self._switch_id) != self._switch_id
+                                             or msg.info.get("formation", self._formation) != self._formation):
+            return None  # from a switch given up (its replies may trail the "aborted" ones) or an old world
         if isinstance(msg, WorkerReply) and msg.kind == "error":
-            raise WorkerReportedError(f"worker {msg.rank} failed: {msg.message}")
+            raise WorkerReportedError(f"worker {msg.rank} failed: {msg.message}", msg)
         return msg
 
     def _recv(self, timeout_s: float, interrupt: Callable[[], bool] | None = None):
@@ -142,21 +163,26 @@ class LocalExecutor:
         """Raise WorkerError naming every rank that exited, or that has sent no heartbeat for
         hang_timeout_s of a wait that began at `waiting_since` (beats queued while nobody waited
         do not count against a worker; one still starting up is the start timeout's business)."""
+        dead, silent = self._lost_members(waiting_since)
+        if dead:
+            raise WorkerError(f"worker process exited: "
+                              f"{', '.join(f'rank {r} (exit code {self.procs[r].returncode})' for r in dead)}")
+        if silent:
+            raise WorkerError(f"worker rank {', '.join(map(str, silent))} sent no heartbeat for "
+                              f"{self.hang_timeout_s:.0f} s (hung)")
+
+    def _lost_members(self, waiting_since: float) -> tuple[list[int], list[int]]:
+        """The watched ranks whose process exited, and those silent for hang_timeout_s of a wait
+        that began at `waiting_since` (filed as hung)."""
         while self._beats.poll(0):
             beat = decode(self._beats.recv())
             self._last_beat[beat.rank] = max(self._last_beat[beat.rank], beat.info["t"])
-            self._beating.add(beat.rank)
-        dead = [f"rank {r} (exit code {p.returncode})" for r, p in enumerate(self.procs)
-                if r not in self._lost and p.poll() is not None]
-        if dead:
-            raise WorkerError(f"worker process exited: {', '.join(dead)}")
+        dead = [r for r, p in enumerate(self.procs) if r not in self._lost and p is not None and p.poll() is not None]
         now = time.monotonic()
-        silent = [r for r in self._beating - self._lost
+        silent = [r for r in sorted(self._beating - self._lost - set(dead))
                   if now - max(self._last_beat[r], waiting_since) > self.hang_timeout_s]
-        if silent:
-            self._hung.update(silent)
-            raise WorkerError(f"worker rank {', '.join(map(str, silent))} sent no heartbeat for "
-                              f"{self.hang_timeout_s:.0f} s (hung)")
+        self._hung.update(silent)
+        return dead, silent
 
     def failed_ranks(self, wait_s: float = 0.0) -> list[int]:
         """Ranks whose process exited or was found hung: the ones `replace` restarts. When there
@@ -170,14 +196,14 @@ class LocalExecutor:
         return failed
 
     def _take(self, msg) -> None:
-        """File a message that is not the one being waited for. A rank that says it is ready (or
+        """File a message that is not the one being waited for. A rank that says it has started (or
         re-formed) is past start-up: from now on its silence counts, whether or not a heartbeat of
         it has arrived yet (one stopped right after start-up may never send any)."""
         if isinstance(msg, StepResult):
             self._early[msg.step_id] = msg
             return
         self._replies[(msg.kind, msg.rank)] = msg
-        if msg.kind in ("ready", "reformed"):
+        if msg.kind in ("started", "reformed"):
             self._last_beat[msg.rank] = max(self._last_beat[msg.rank], time.monotonic())
             self._beating.add(msg.rank)
 
@@ -189,16 +215,17 @@ class LocalExecutor:
         self.check_workers(waiting_since)
         return all((kind, r) in self._replies for kind in kinds for r in ranks)
 
-    def _wait_for(self, wanted: set[tuple[str, int]], timeout_s: float, tolerate_reports: bool = False) -> None:
-        """File messages until every (kind, rank) in `wanted` has answered. With `tolerate_reports`
-        a worker's error report is passed over instead of raised (a survivor's report of the step
-        or switch a lost peer broke, while the world is being re-formed)."""
+    def _wait_for(self, wanted: set[tuple[str, int]], timeout_s: float,
+                  raises: Callable[[WorkerReply], bool] | None = None) -> None:
+        """File messages until every (kind, rank) in `wanted` has answered. A worker's error
+        report raises — with `raises`, only one it picks (while a world forms, a survivor's late
+        report of the step or switch a lost peer broke is passed over)."""
         deadline = time.monotonic() + timeout_s
         while not wanted <= self._replies.keys():
             try:
                 self._take(self._recv(max(0.0, deadline - time.monotonic())))
-            except WorkerReportedError:
-                if not tolerate_reports:
+            except WorkerReportedError as exc:
+                if raises is None or raises(exc.reply):
                     raise
 
     def _wait_replies(self, kind: str, ranks: Iterable[int], timeout_s: float) -> dict[int, WorkerReply]:
@@ -288,27 +315,83 @@ class LocalExecutor:
                 self.procs[rank].kill()
             self.procs[rank].wait(timeout=10)
             self._lost.add(rank)
+            self._beating.discard(rank)
+
+    def _form(self, fresh: list[int], survivors: list[int], timeout_s: float, env) -> None:
+        """Start a process for each rank of `fresh` and form a world of them and `survivors`: once
+        every fresh one has started (the slow part: imports, config, weight store), every member
+        is told to join a new store at the same moment, so the rendezvous only waits on members
+        that are up. Raises WorkerError when a member exits, hangs or reports a failure first
+        (members still in a failed rendezvous are given SETTLE_S to report it: the next world
+        must find them free; one that does not is filed as hung)."""
+        for rank in fresh:
+            self._spawn(rank, env)
+        self._wait_for({("started", r) for r in fresh}, timeout_s, raises=lambda reply: reply.rank in fresh)
+        self._formation += 1
+        members = sorted([*fresh, *survivors])
+        self._broadcast(ReformCommand(self._new_store(), self._formation), members)
+        since = time.monotonic()
+        deadline, failure, answered = since + timeout_s, None, set()
+        while len(answered) < len(members):
+            try:
+                msg = self._poll(100)
+            except WorkerReportedError as exc:
+                if exc.reply.info.get("formation") != self._formation:
+                    continue  # a survivor's late report of what the lost peer broke
+                answered.add(exc.reply.rank)
+                failure = failure or str(exc)
+                deadline = min(deadline, time.monotonic() + SETTLE_S)
+                continue
+            if isinstance(msg, WorkerReply) and msg.kind == "reformed":
+                answered.add(msg.rank)
+                self._take(msg)
+            elif msg is not None and not (isinstance(msg, WorkerReply) and msg.kind == "error"):
+                self._take(msg)
+            dead, silent = self._lost_members(since)
+            if dead or silent:
+                answered.update(dead + silent)
+                failure = failure or (f"rank {', '.join(map(str, dead + silent))} "
+                                      f"{'exited' if dead else 'hung'} while the world formed")
+                deadline = min(deadline, time.monotonic() + SETTLE_S)
+            if time.monotonic() > deadline:
+                late = [r for r in members if r not in answered]
+                self._hung.update(late)
+                failure = failure or f"no answer from rank {', '.join(map(str, late))} while the world formed"
+                break
+        if failure is not None:
+            raise WorkerError(failure)
+        now = time.monotonic()
+        self.startup_s += [now - self._spawned_at[r] for r in fresh]
+        for rank in members:
+            self._replies.pop(("started", rank), None)
+            self._replies.pop(("reformed", rank), None)
 
     def replace(self, timeout_s: float = 300.0) -> list[int]:
         """Have every survivor leave the broken world group and meet, in a new one, a fresh process
-        for each rank lost to `kill`; returns those ranks. The survivors keep their layout, shards
-        and KV but no groups: `load` the layout again to rebuild them. Steps still in flight are
-        forgotten; the caller has booked or dropped them."""
-        ranks = sorted(self._lost)
-        self._hung.clear()
-        self.in_flight.clear()
-        self._dist_init = self._new_store()
-        survivors = [r for r in range(self.pool_size) if r not in ranks]
-        self._broadcast(ReformCommand(self._dist_init), survivors)
+        for each rank lost to `kill`; returns those ranks. A try that fails (a replacement that
+        dies starting up, a member lost while the world forms) is followed by another, with fresh
+        processes for the ranks lost by then, up to MAX_FORMATION_ATTEMPTS; then PoolLostError.
+        The survivors keep their layout, shards and KV but no groups: `load` the layout again to
+        rebuild them. Steps still in flight are forgotten; the caller has booked or dropped them."""
         env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}  # a replacement runs clean
-        for rank in ranks:
-            self._spawn(rank, env)
-        self._wait_for({("reformed", r) for r in survivors} | {("ready", r) for r in ranks}, timeout_s,
-                       tolerate_reports=True)
+        replaced: list[int] = []
+        for attempt in range(1, MAX_FORMATION_ATTEMPTS + 1):
+            ranks = sorted(self._lost)
+            replaced = sorted({*replaced, *ranks})
+            self.in_flight.clear()
+            self._hung.clear()
+            try:
+                self._form(ranks, [r for r in range(self.pool_size) if r not in ranks], timeout_s, env)
+                break
+            except WorkerError as exc:
+                failed = self.failed_ranks(wait_s=LOST_PEER_GRACE_S)
+                if attempt == MAX_FORMATION_ATTEMPTS:
+                    raise PoolLostError(f"could not rebuild the worker pool in {attempt} tries; last: {exc}") from exc
+                self.kill(failed)
         self._lost.clear()
         self._replies.clear()
         self._early.clear()
-        return ranks
+        return replaced
 
     def kv_digests(self, blocks: list[int], timeout_s: float = 60.0) -> dict[int, dict[str, str]]:
         """Per rank, sha1 of each (layer, KV head, block) slice it holds."""

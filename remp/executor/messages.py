@@ -101,10 +101,13 @@ class DigestCommand:
 
 @dataclass
 class ReformCommand:
-    """A worker was lost: leave the broken world group and join a new one at `dist_init`, where
-    a fresh process takes the lost rank. Groups are rebuilt by the next Prepare."""
+    """Join the world at `dist_init` (a fresh file store) and form every group there: the first
+    command a started worker gets, and how survivors of a lost worker leave the world it broke
+    and meet a fresh process in its rank. Answered "reformed" (or "error"), with
+    info["formation"] = `formation`, so a failed rendezvous is told apart from stale reports."""
 
     dist_init: str
+    formation: int
 
 
 @dataclass
@@ -126,7 +129,7 @@ class WorkerReply:
     """Acknowledgement (ok) or failure report of one worker for one command."""
 
     rank: int
-    kind: str  # "ready" | "prepared" | "precopied" | "committed" | "aborted" | "reformed" | "digest"
+    kind: str  # "started" | "prepared" | "precopied" | "committed" | "aborted" | "reformed" | "digest"
     #            | "error" | "heartbeat" (on its own socket, info {"t": time.monotonic()})
     # Replies to work done beside the steps ("prepared", "precopied", and "error" for it) carry
     # info["switch"]: they leave on a socket of their own, so they may overtake or trail others.

@@ -1,11 +1,13 @@
 """Communication groups over the worker pool.
 
-Every pool worker, active or standby, joins one world group at start. Tensor-parallel
-groups are subgroups of it, one per pipeline stage, created the first time a layout is
-used and cached by layout so returning to a layout seen before creates nothing.
-`torch.distributed.new_group` is collective over the whole world, so every pool worker
-calls `Groups.tp_group` for every layout in the same order — the engine broadcasts the
-layout to all of them.
+Every pool worker, active or standby, joins one world group, and at that moment every
+group any layout of the pool can need: the tensor-parallel groups of every (tp, pp) that
+fits the pool (one per distinct set of ranks; layouts share them), and a second world group
+for KV migration. Forming groups is a rendezvous, the one kind of wait that cannot see a
+lost peer (there is no connection to break yet: the others wait for its key in the store
+until the timeout). So all of it happens while the world forms — when the engine knows that
+every member is up and watches them all — and never in the middle of a switch, and it is
+bounded by `RENDEZVOUS_TIMEOUT`, not by the collective timeout.
 """
 from __future__ import annotations
 
@@ -16,30 +18,57 @@ import torch.distributed as dist
 from remp.topology import Topology
 
 
-# How long a collective or a rendezvous may wait for a peer. A dead peer breaks its connections
-# at once; this bounds the rare wait that cannot see that (a peer lost while groups are built).
+# How long a rendezvous (joining the world, forming the groups) may wait for a member. Every
+# member is already running and told to join at the same moment (see LocalExecutor), so it takes
+# milliseconds; a member lost meanwhile makes the others fail after this long.
+RENDEZVOUS_TIMEOUT = timedelta(seconds=15)
+# How long a collective may wait for a peer. A dead peer breaks its connections at once and a
+# stopped one is killed by the engine when its heartbeats stop; this bounds any wait left.
 DIST_TIMEOUT = timedelta(seconds=60)
 
 
 def init_world(rank: int, world_size: int, init_method: str, backend: str) -> None:
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=DIST_TIMEOUT)
+    """Join the world group at `init_method` (a file:// store), waiting at most RENDEZVOUS_TIMEOUT."""
+    path = init_method.removeprefix("file://")
+    store = dist.FileStore(path, world_size)
+    store.set_timeout(RENDEZVOUS_TIMEOUT)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                            timeout=RENDEZVOUS_TIMEOUT)
+
+
+def tp_rank_sets(pool_size: int) -> list[tuple[int, ...]]:
+    """Every set of ranks that forms a tensor-parallel group in some layout of the pool, in one
+    order (every rank creates them in the same order: `new_group` is collective)."""
+    sets: list[tuple[int, ...]] = []
+    for tp in range(1, pool_size + 1):
+        for pp in range(1, pool_size // tp + 1):
+            topo = Topology(tp, pp)
+            for stage in range(pp):
+                ranks = tuple(topo.tp_group_ranks(stage))
+                if ranks not in sets:
+                    sets.append(ranks)
+    return sets
 
 
 class Groups:
     def __init__(self, rank: int):
         """Called by every pool rank right after it joins the world (a collective)."""
         self.rank = rank
-        self._tp: dict[tuple[int, int], list[dist.ProcessGroup]] = {}
+        world = dist.get_world_size()
         # KV pre-copied during a switch travels on a thread of its own while steps still pass
         # activations over the world group; gloo matches messages by group, peer and tag, so the
         # two streams get separate groups and cannot take each other's messages.
-        self.migration = dist.new_group(list(range(dist.get_world_size())))
+        self.migration = dist.new_group(list(range(world)), timeout=RENDEZVOUS_TIMEOUT)
+        self._tp = {ranks: dist.new_group(list(ranks), timeout=RENDEZVOUS_TIMEOUT)
+                    for ranks in tp_rank_sets(world) if len(ranks) > 1}
+        # Formed: from now on a wait is a collective's, bounded by DIST_TIMEOUT.
+        for ranks, group in [((rank,), dist.group.WORLD), ((rank,), self.migration), *self._tp.items()]:
+            if rank in ranks:
+                dist.distributed_c10d._set_pg_timeout(DIST_TIMEOUT, group)
 
     def tp_group(self, topo: Topology) -> dist.ProcessGroup | None:
-        """This rank's tensor-parallel group under `topo` (None on a standby rank)."""
-        key = (topo.tp, topo.pp)
-        if key not in self._tp:
-            self._tp[key] = [dist.new_group(topo.tp_group_ranks(s)) for s in range(topo.pp)]
+        """This rank's tensor-parallel group under `topo` (None on a standby rank or when tp is 1)."""
         coords = topo.coords(self.rank)
-        return None if coords is None else self._tp[key][coords[0]]
+        if coords is None or topo.tp == 1:
+            return None
+        return self._tp[tuple(topo.tp_group_ranks(coords[0]))]

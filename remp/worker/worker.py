@@ -88,7 +88,7 @@ class Worker:
         self.model_config = ModelConfig.from_pretrained(model_path)
         self.hf_config = self.model_config.hf_config()
         self.store = WeightStore(model_path)
-        self.groups = Groups(rank)
+        self.groups: Groups | None = None  # made when the world forms (the first Reform: joining it)
         self.topo: Topology | None = None
         self.model: StageModel | None = None
         self.kv: KVCache | None = None
@@ -258,12 +258,16 @@ class Worker:
         return {}
 
     def reform(self, cmd: ReformCommand) -> dict:
-        """Leave the world group a lost peer broke and join the new one. The layout, shard and KV
-        stay (the next Prepare of the same layout reuses them) — the old ones when a commit was
-        not confirmed yet (the switch failed in its pause); every group is rebuilt."""
+        """Join the world at `cmd.dist_init`, leaving the one a lost peer broke, if any. The
+        layout, shard and KV stay (the next Prepare of the same layout reuses them) — the old ones
+        when a commit was not confirmed yet (the switch failed in its pause); every group is
+        rebuilt. A rendezvous that fails (a member lost meanwhile) leaves this rank in no world,
+        ready for the next Reform."""
         self.abort()
         self._pending_sends.clear()
-        dist.destroy_process_group()
+        self.groups = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
         init_world(self.rank, self.pool_size, cmd.dist_init, self.backend)
         self.groups = Groups(self.rank)
         return {}
@@ -415,7 +419,7 @@ def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) ->
         sock.close()  # an open socket would block ctx.term() at exit
 
 
-def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_addr: str, result_addr: str,
+def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_addr: str,
                 beat_addr: str, cut_path: str, model_path: str, dtype: str, device: str) -> None:
     """Process entry point (dtype is a torch attribute name such as 'float32').
 
@@ -495,11 +499,13 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
 
     receiver = threading.Thread(target=receive, name="remp-commands", daemon=True)
     try:
-        init_world(rank, pool_size, dist_init, backend)
         worker = Worker(rank, pool_size, backend, model_path, getattr(torch, dtype), device,
                         CutFlags(cut_path, pool_size))
         receiver.start()
-        reply("ready", {"pid": os.getpid()})
+        # Started: the slow part (imports, config, weight store) is done. The world is joined when
+        # the engine sends the first Reform, once every member has said this — so a rendezvous
+        # only ever waits on members that are up, for milliseconds.
+        reply("started", {"pid": os.getpid()})
         while True:
             msg, building = inbox.get()
             if isinstance(msg, BaseException):
@@ -517,8 +523,10 @@ def worker_main(rank: int, pool_size: int, dist_init: str, backend: str, cmd_add
                 continue
             if building is not None:
                 wait([building])
-            # A commit's answer carries its switch: one of a switch given up (a lost peer) is dropped.
-            tag = {"switch": msg.switch_id} if isinstance(msg, CommitCommand) else {}
+            # A commit's answer carries its switch (one of a switch given up for a lost peer is
+            # dropped) and a Reform's its formation (a failed rendezvous is told from stale reports).
+            tag = ({"switch": msg.switch_id} if isinstance(msg, CommitCommand) else
+                   {"formation": msg.formation} if isinstance(msg, ReformCommand) else {})
             try:
                 answer = worker.control(msg)
             except Exception as exc:
