@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model name the API reports and accepts "
                        "(default: MODEL as given)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
+                       help="largest request body accepted; a larger one gets 413 before it is read "
+                            "(default: 8 MiB)")
+    serve.add_argument("--engine-stall-timeout", type=float, default=120.0,
+                       help="seconds without progress (no step booked, or a switch or a worker replacement "
+                            "still running) after which /health answers 503 (default: %(default)s)")
     auto = serve.add_argument_group("automatic layout (see docs/policy.md)")
     auto.add_argument("--auto-reconfigure", action="store_true",
                       help="switch the layout by itself as the load changes, predicted from a profile")
@@ -181,10 +187,14 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(exc)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            app = build_app(engine, args.api_key, policy, args.policy_interval)
+            app = build_app(engine, args.api_key, policy, args.policy_interval, args.max_request_bytes,
+                            args.engine_stall_timeout)
             uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
+    if engine.error is not None:  # the pool could not be rebuilt: the server shut itself down
+        print(f"error: the engine stopped: {engine.error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -65,8 +65,13 @@ def stream_running(url: str, model: str, max_tokens: int) -> tuple[threading.Thr
 def test_topology_reports_active_and_standby(server):
     reply = layout(server)
     assert reply.pop("num_kv_blocks") > 0
+    workers = reply.pop("workers")
+    assert [(w["rank"], w["role"]) for w in workers] == [(0, "active"), (1, "active"), (2, "standby"), (3, "standby")]
+    assert len({w["pid"] for w in workers}) == 4
+    startup = reply.pop("worker_startup_s")
+    assert len(startup) == 4 and all(s > 0 for s in startup)
     assert reply == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "worker_pool_size": 4,
-                     "active_ranks": [0, 1], "standby_ranks": [2, 3]}
+                     "active_ranks": [0, 1], "standby_ranks": [2, 3], "worker_replacements": 0}
 
 
 def test_stream_in_flight_survives_switches(server, tiny_gqa):

@@ -18,7 +18,7 @@ from remp.config import EngineConfig
 from remp.engine.llm_engine import EngineStats, LLMEngine
 from remp.engine.outputs import RequestOutput
 from remp.engine.sampling import SamplingParams
-from remp.executor.local import LOST_PEER_GRACE_S, WorkerError
+from remp.executor.local import LOST_PEER_GRACE_S, PoolLostError, WorkerError
 from remp.policy.stats import LoadTracker
 from remp.reconfig.transaction import ReconfigInProgress, ReconfigResult
 from remp.topology import Topology
@@ -47,6 +47,11 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self._reconfiguring = False
         self._deferred: list[tuple] = []  # switch requests that arrived during a switch
+        # Liveness, read by /health: when the engine thread last made progress (a step booked, an
+        # idle turn of its loop), and since when a switch or a recovery has been running.
+        self.progress_at = time.monotonic()
+        self.switch_since: float | None = None
+        self.recovery_since: float | None = None
         self._thread = threading.Thread(target=self._loop, name="remp-engine", daemon=True)
         self._thread.start()
 
@@ -65,6 +70,26 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def stalled(self, bound_s: float) -> str | None:
+        """Why the engine is not serving, or None while it is: it stopped, or for more than
+        `bound_s` it has booked no step and not come round its loop, or a switch or a recovery has
+        been running (each of its waits is bounded on its own; this bounds them all)."""
+        if not self.alive:
+            return f"the engine has stopped: {self.error}"
+        now = time.monotonic()
+        for what, since in (("a layout switch", self.switch_since), ("replacing a lost worker", self.recovery_since),
+                            ("the engine loop made no progress", self.progress_at)):
+            if since is not None and now - since > bound_s:
+                return f"{what} for {now - since:.0f} s (bound {bound_s:.0f} s)"
+        return None
+
+    def workers(self) -> list[dict]:
+        """Each pool rank's process id and role, and how long that process took to start."""
+        executor, topo = self.engine.executor, self.engine.topology
+        return [{"rank": rank, "pid": proc.pid if proc is not None else None,
+                 "role": "active" if topo is not None and topo.coords(rank) is not None else "standby"}
+                for rank, proc in enumerate(list(executor.procs))]
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -125,6 +150,8 @@ class AsyncEngine:
     def _pump(self, outputs: list[RequestOutput]) -> None:
         """Deliver outputs, then admit requests (and aborts) that arrived meanwhile — also in the
         middle of a switch; a switch request waits for the loop, never nests in another."""
+        if outputs:
+            self.progress_at = time.monotonic()
         for out in outputs:
             self._deliver(out.request_id, out)
         try:
@@ -146,6 +173,7 @@ class AsyncEngine:
 
     def _reconfigure(self, target: Topology, loop: asyncio.AbstractEventLoop, done: asyncio.Future,
                      requested_at: float) -> None:
+        self.switch_since = time.monotonic()
         try:
             outcome = (done.set_result, self.engine.reconfigure(target, self._pump, requested_at))
         except WorkerError as exc:  # the abort could not undo the switch: the pool is in doubt
@@ -153,6 +181,9 @@ class AsyncEngine:
             raise  # to the loop, which replaces a lost worker or, with none lost, stops serving
         except Exception as exc:  # an invalid target: nothing changed
             outcome = (done.set_exception, exc)
+        finally:
+            self.switch_since = None
+            self.progress_at = time.monotonic()
         loop.call_soon_threadsafe(self._settle, done, *outcome)
 
     def _settle(self, done: asyncio.Future, setter, value) -> None:
@@ -177,6 +208,7 @@ class AsyncEngine:
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
+                self.progress_at = time.monotonic()
                 try:
                     while self._deferred:
                         self._handle(self._deferred.pop(0))
@@ -190,11 +222,17 @@ class AsyncEngine:
                             continue
                     self._pump(self.engine.step(interrupt=self._switch_waiting))
                     idle_since = time.monotonic()
+                except PoolLostError:
+                    raise
                 except WorkerError:
                     if not self.engine.executor.failed_ranks(wait_s=LOST_PEER_GRACE_S):
                         raise  # a worker reported a failure of its own: nothing to replace
                     log.exception("lost a worker; replacing it")
-                    recovery = self.engine.recover(self._pump)
+                    self.recovery_since = time.monotonic()
+                    try:
+                        recovery = self.engine.recover(self._pump)
+                    finally:
+                        self.recovery_since = None
                     log.warning("replaced worker rank %s; %d running requests recompute",
                                 recovery.replaced_ranks, len(recovery.preempted_request_ids))
                     idle_since = time.monotonic()

@@ -8,11 +8,15 @@ topology switch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 _MASK64 = (1 << 63) - 1
+# A temperature below this samples greedily (as vLLM does): dividing the logits by it would
+# overflow float32 to inf, and softmax of that is NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -33,8 +37,8 @@ class SamplingParams:
         """Raise ValueError with the reason when a parameter is out of range."""
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a non-negative number, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
@@ -50,7 +54,7 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
     Gumbel-style sampling via exponential noise (argmax of p / E, E ~ Exp(1)) gives an
     exact draw from p with a single generator call per row.
     """
-    if temperature == 0 or top_k == 1:
+    if temperature < GREEDY_BELOW_TEMPERATURE or top_k == 1:
         return int(torch.argmax(logits))
     scaled = logits / temperature
     if 0 < top_k < scaled.numel():

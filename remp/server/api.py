@@ -16,9 +16,12 @@ import itertools
 import json
 import logging
 import os
+import queue
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -32,6 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remp import __version__
+from remp.engine.async_engine import EngineDeadError
 from remp.engine.outputs import RequestOutput
 from remp.policy.autoscaler import AutoReconfigurer
 from remp.policy.policy import Policy
@@ -77,37 +81,53 @@ class APIError(Exception):
         return _json(ErrorResponse(error=self.info), self.status)
 
 
+# What `remp serve` uses unless told otherwise (--max-request-bytes, --engine-stall-timeout).
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+DEFAULT_STALL_TIMEOUT_S = 120.0
+# Tokenizing happens on these many threads, each with a tokenizer of its own, never on the event loop.
+TOKENIZER_THREADS = 2
+
+
 def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
-              policy_interval_s: float = 5.0) -> FastAPI:
-    """The FastAPI app serving `engine` (an AsyncEngine). With `api_key`, every /v1 route
-    requires `Authorization: Bearer <api_key>`. With `policy`, the layout follows the load
-    (`remp serve --auto-reconfigure`): the policy decides every `policy_interval_s`."""
+              policy_interval_s: float = 5.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving `engine` (an AsyncEngine). With `api_key`, every route but /health
+    and /metrics requires `Authorization: Bearer <api_key>`. A request body over
+    `max_request_bytes` is refused (413) before it is parsed. /health answers 503 once the engine
+    stopped or made no progress for `stall_timeout_s` (AsyncEngine.stalled); when the engine
+    stops for good the server shuts down (`remp serve` then exits 1). With `policy`, the layout
+    follows the load (`remp serve --auto-reconfigure`): the policy decides every `policy_interval_s`."""
     metrics = ServerMetrics(engine, engine.served_model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if policy is None:
-            yield
-            return
-        scaler = AutoReconfigurer(engine, policy, policy_interval_s, metrics.record_decision,
-                                  metrics.record_reconfiguration)
-        task = asyncio.create_task(scaler.run())
+        tasks = [asyncio.create_task(_stop_when_engine_stops(engine))]
+        if policy is not None:
+            scaler = AutoReconfigurer(engine, policy, policy_interval_s, metrics.record_decision,
+                                      metrics.record_reconfiguration)
+            tasks.append(asyncio.create_task(scaler.run()))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(title="remp", version=__version__, lifespan=lifespan)
     server = _OpenAIServer(engine, metrics)
-    if api_key:
+    app.add_middleware(_LimitBody, max_bytes=max_request_bytes)
+    if api_key:  # added last, so it runs first: an unauthenticated client learns nothing else
         app.add_middleware(_RequireAPIKey, api_key=api_key)
     _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if engine.alive else 503)
+        reason = engine.stalled(stall_timeout_s)
+        if reason is None:
+            return Response(status_code=200)
+        return Response(json.dumps({"status": "unhealthy", "reason": reason}), status_code=503,
+                        media_type="application/json")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -126,7 +146,9 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
         return Response(json.dumps({
             "tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp, "worker_pool_size": pool,
             "active_ranks": list(range(topo.world_size)), "standby_ranks": list(range(topo.world_size, pool)),
-            "num_kv_blocks": stats.num_kv_blocks}), media_type="application/json")
+            "num_kv_blocks": stats.num_kv_blocks, "workers": engine.workers(),
+            "worker_replacements": stats.num_worker_replacements,
+            "worker_startup_s": engine.engine.executor.startup_s[-pool:]}), media_type="application/json")
 
     @app.post("/v1/admin/reconfigure")
     async def reconfigure(body: ReconfigureRequest) -> Response:
@@ -163,14 +185,45 @@ class _OpenAIServer:
     def __init__(self, engine, metrics: ServerMetrics):
         self.engine = engine
         self.metrics = metrics
-        # A copy: the engine thread detokenizes with its tokenizer while this one encodes, and
-        # a Rust-backed tokenizer shared across threads can fail with "Already borrowed".
+        # Copies: the engine thread detokenizes with its tokenizer while these encode, and a
+        # Rust-backed tokenizer shared across threads can fail with "Already borrowed". One for
+        # the event loop (decoding single tokens for logprobs), one per tokenizing thread.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self._tokenizers: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(TOKENIZER_THREADS):
+            self._tokenizers.put(copy.deepcopy(engine.tokenizer))
+        self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="remp-tokenize")
+        # No token covers more characters than the longest vocabulary entry, so a text longer than
+        # this has more tokens than the context holds (x4: normalisation may merge characters).
+        longest = max((len(t) for t in engine.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 4 * longest * engine.max_model_len
         self.model_name: str = engine.served_model_name
+
+    async def _tokenize(self, work: Callable[[Any], list[int]], chars: int, param: str) -> list[int]:
+        """Run `work(tokenizer)` on a tokenizing thread: a long prompt stalls no other request.
+        A text that cannot fit the context whatever its tokens is refused without tokenizing."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {self.engine.max_model_len} tokens. "
+                                f"However, your request has {chars} characters of input, more than any "
+                                f"{self.engine.max_model_len} tokens can hold. Please reduce the length of the input.",
+                           param=param)
+
+        def run() -> list[int]:
+            tokenizer = self._tokenizers.get()
+            try:
+                return work(tokenizer)
+            finally:
+                self._tokenizers.put(tokenizer)
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, run)
 
     async def completion(self, req: CompletionRequest) -> Response:
         self._check_model(req.model)
-        prompt_ids = self.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        if isinstance(req.prompt, str):
+            text = req.prompt
+            prompt_ids = await self._tokenize(lambda tok: tok.encode(text), len(text), "prompt")
+        else:
+            prompt_ids = req.prompt
         params = req.sampling_params(self._room(prompt_ids, "prompt"))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         first, outputs = await self._start(prompt_ids, params, request_id)
@@ -205,7 +258,7 @@ class _OpenAIServer:
 
     async def chat(self, req: ChatCompletionRequest) -> Response:
         self._check_model(req.model)
-        prompt_ids = self._apply_chat_template(req)
+        prompt_ids = await self._apply_chat_template(req)
         params = req.sampling_params(self._room(prompt_ids, "messages"))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, outputs = await self._start(prompt_ids, params, request_id)
@@ -242,11 +295,13 @@ class _OpenAIServer:
         if name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
-    def _apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
+    async def _apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
         messages = [m.template_dict() for m in req.messages]
         try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
+            return list(await self._tokenize(
+                lambda tok: tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False),
+                sum(len(m["content"]) for m in messages), "messages"))
         except (TemplateError, ValueError) as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
 
@@ -395,17 +450,79 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def _stop_when_engine_stops(engine, poll_s: float = 0.5) -> None:
+    """Shut the server down (as Ctrl-C does) once the engine loop has stopped for good — a pool
+    that could not be rebuilt — rather than answer 503 forever: `remp serve` then exits 1, and a
+    supervisor (systemd, Kubernetes) restarts it."""
+    while engine.alive:
+        await asyncio.sleep(poll_s)
+    logger.critical("the engine has stopped (%s); shutting the server down", engine.error)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class _LimitBody:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 before anything parses it
+    — at once when Content-Length says so, else as soon as that many bytes have arrived."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        if declared is not None:
+            await self.app(scope, receive, send)
+            return
+        # No length given (chunked): read the body here, up to the limit, and replay it.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        error = APIError(413, f"the request body is larger than {self.max_bytes} bytes "
+                              f"(--max-request-bytes)", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
 class _RequireAPIKey:
-    """ASGI middleware: every /v1 route needs `Authorization: Bearer <key>`; /health and
-    /metrics stay open for probes and scrapers, as in vLLM. Checked before the body is
-    read, so an unauthenticated client learns nothing about request validation."""
+    """ASGI middleware: every route needs `Authorization: Bearer <key>` except /health and
+    /metrics, which stay open for probes and scrapers, as in vLLM (/docs and /openapi.json
+    need it too: send the header). Checked before the body is read, so an unauthenticated
+    client learns nothing about request validation."""
+
+    OPEN = ("/health", "/metrics")
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
             given = Headers(scope=scope).get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(given, self.expected):
                 error = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
@@ -439,6 +556,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request: Request, exc: EngineDeadError) -> Response:
+        return APIError(503, str(exc), type="service_unavailable", code="engine_stopped").response()
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> Response:

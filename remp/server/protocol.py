@@ -1,14 +1,18 @@
 """Request and response bodies of the OpenAI-compatible API.
 
 Field names, defaults and response shapes follow OpenAI's API and vLLM's server, so the
-official clients and vLLM's benchmark tools work unchanged. Fields a client may send that
-remp does not know are ignored rather than refused, as OpenAI-compatible servers do.
-remp returns one choice per request, so `n` must be 1 and a prompt list holds one prompt.
+official clients and vLLM's benchmark tools work unchanged. Requests are read strictly:
+nothing a client sends is silently ignored or reinterpreted. An unknown field, a boolean or
+a string where a number belongs, NaN or infinity, text that is not valid Unicode (a lone
+surrogate) — each is a 400 naming the field. Parameters of OpenAI's API that remp does not
+implement (penalties, `logit_bias`, `echo`, `suffix`, `best_of`, `tools`, `response_format`)
+are accepted only at their neutral value, and refused by name otherwise. remp returns one
+choice per request, so `n` must be 1 and a prompt list holds one prompt.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -36,14 +40,45 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+# Read strictly: no coercion (true is not 1, "0.5" is not 0.5), no NaN or infinity, no field
+# the model does not declare.
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it can be encoded as UTF-8; a lone surrogate (JSON allows "\\ud800") cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode: {exc.reason} at position {exc.start}") from None
+    return text
+
+
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
+
+
+def _neutral_only(model: type, value: Any, name: str) -> Any:
+    """`value` of the unsupported parameter `name` if it asks for nothing (model.UNSUPPORTED)."""
+    if value is None or any(value == n and (type(value) is type(n) or isinstance(n, int) and type(value) is float)
+                            for n in model.UNSUPPORTED[name]):
+        return value
+    raise ValueError(f"{name} is not supported by remp (got {value!r}); leave it out")
 
 
 class _SamplingRequest(BaseModel):
     """Fields both generation endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
+
+    # Parameters of OpenAI's API that remp does not implement, with the values that ask for
+    # nothing (and so are accepted): any other value is refused by name, never ignored.
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "repetition_penalty": (1,),
+        "min_p": (0,), "min_tokens": (0,),
+    }
 
     model: str
     n: int = 1
@@ -57,6 +92,14 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Not implemented (see UNSUPPORTED): declared so that a request using them gets a 400
+    # saying so, and one sending the neutral value (as some clients always do) is served.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
+    min_p: float | None = None  # extension (vLLM)
+    min_tokens: int | None = None  # extension (vLLM)
 
     @field_validator("n")
     @classmethod
@@ -64,6 +107,21 @@ class _SamplingRequest(BaseModel):
         if n != 1:
             raise ValueError(f"n must be 1 (remp returns one choice per request), got {n}")
         return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        for text in [stop] if isinstance(stop, str) else stop or []:
+            if not text:
+                raise ValueError("a stop string must not be empty (it would end every request at once)")
+            check_text(text, "a stop string")
+        return stop
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "min_p",
+                     "min_tokens")
+    @classmethod
+    def _refuse_unsupported(cls, value, info):
+        return _neutral_only(cls, value, info.field_name)
 
     @property
     def include_usage(self) -> bool:
@@ -85,10 +143,20 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**_SamplingRequest.UNSUPPORTED, "echo": (False,), "suffix": ("",), "best_of": (1,)}
+
     # After validation `prompt` is a str or a list of token ids: a one-element batch is unwrapped.
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's and vLLM's default for completions; null: the rest of the context
     logprobs: int | None = None
+    echo: bool | None = None  # not implemented
+    suffix: str | None = None  # not implemented
+    best_of: int | None = None  # not implemented
+
+    @field_validator("echo", "suffix", "best_of")
+    @classmethod
+    def _refuse_unsupported_here(cls, value, info):
+        return _neutral_only(cls, value, info.field_name)
 
     @field_validator("prompt")
     @classmethod
@@ -99,6 +167,8 @@ class CompletionRequest(_SamplingRequest):
             prompt = prompt[0]
         if isinstance(prompt, list) and not prompt:
             raise ValueError("the prompt is empty")
+        if isinstance(prompt, str):
+            check_text(prompt, "the prompt")
         return prompt
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
@@ -107,16 +177,28 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextContentPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _unicode(cls, text: str) -> str:
+        return check_text(text, "the text")
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+
+    @field_validator("role", "content", "name")
+    @classmethod
+    def _unicode(cls, value, info):
+        return check_text(value, f"the message's {info.field_name}") if isinstance(value, str) else value
 
     def template_dict(self) -> dict:
         """The message as chat templates expect it: text parts joined into one string."""
@@ -130,11 +212,22 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**_SamplingRequest.UNSUPPORTED, "tools": ([],), "tool_choice": ("none",),
+                    "response_format": ({"type": "text"},)}
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None  # not implemented
+    tool_choice: str | dict[str, Any] | None = None  # not implemented
+    response_format: dict[str, Any] | None = None  # not implemented
+
+    @field_validator("tools", "tool_choice", "response_format")
+    @classmethod
+    def _refuse_unsupported_here(cls, value, info):
+        return _neutral_only(cls, value, info.field_name)
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -255,7 +348,7 @@ class ModelList(BaseModel):
 class ReconfigureRequest(BaseModel):
     """POST /v1/admin/reconfigure: the target layout."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     tensor_parallel_size: int = Field(ge=1)
     pipeline_parallel_size: int = Field(ge=1)
