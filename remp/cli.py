@@ -103,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(run=_profile)
 
     # The benchmark's own parser is built only when it runs: its imports take seconds.
-    bench = commands.add_parser("bench", help="benchmarks: `remp bench {serve,layouts,switch,adaptive,peer} --help`")
-    bench.add_argument("benchmark", choices=["serve", "layouts", "switch", "adaptive", "peer"],
+    bench = commands.add_parser("bench", help="benchmarks: `remp bench {serve,layouts,switch,adaptive,peer,chaos} "
+                                "--help`")
+    bench.add_argument("benchmark", choices=["serve", "layouts", "switch", "adaptive", "peer", "chaos"],
                        help="serve: load-test a running OpenAI-compatible server; layouts: throughput of "
                        "each fixed layout vs transformers; switch: every live layout switch vs a restart; "
-                       "adaptive: fixed layouts vs --auto-reconfigure; peer: remp beside the vLLM CPU build")
+                       "adaptive: fixed layouts vs --auto-reconfigure; peer: remp beside the vLLM CPU build; "
+                       "chaos: a soak of live switches with workers killed and stopped at random instants")
     bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)
 
@@ -258,8 +260,7 @@ def _bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"remp.bench.{args.benchmark}")
     parser = argparse.ArgumentParser(prog=f"remp bench {args.benchmark}", description=module.__doc__)
     module.add_arguments(parser)
-    module.run(parser.parse_args(args.args))
-    return 0
+    return module.run(parser.parse_args(args.args)) or 0
 
 
 def _reconfigure(args: argparse.Namespace) -> int:

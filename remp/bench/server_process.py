@@ -36,6 +36,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path or os.devnull
         self.proc: subprocess.Popen | None = None
+        self.exit_code: int | None = None  # of the last process stopped
 
     def start(self, timeout_s: float = 600.0) -> float:
         """Launch and wait until healthy; returns the seconds that took."""
@@ -63,6 +64,7 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         if self.proc is not None:
+            self.exit_code = self.proc.returncode
             self._log.close()
         self.proc = None
 

@@ -205,7 +205,6 @@ class AsyncEngine:
             self.engine.abort_request(msg[1])
 
     def _loop(self) -> None:
-        idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
                 self.progress_at = time.monotonic()
@@ -215,13 +214,12 @@ class AsyncEngine:
                     if not self.engine.has_unfinished():
                         # Watch the pool while idle too: a worker lost now is replaced before a
                         # request needs it.
-                        self.engine.executor.check_workers(idle_since)
+                        self.engine.executor.check_workers()
                         try:
                             self._handle(self._inbox.get(timeout=0.1))
                         except queue.Empty:
                             continue
                     self._pump(self.engine.step(interrupt=self._switch_waiting))
-                    idle_since = time.monotonic()
                 except PoolLostError:
                     raise
                 except WorkerError:
@@ -235,7 +233,6 @@ class AsyncEngine:
                         self.recovery_since = None
                     log.warning("replaced worker rank %s; %d running requests recompute",
                                 recovery.replaced_ranks, len(recovery.preempted_request_ids))
-                    idle_since = time.monotonic()
         except BaseException as exc:  # a worker that cannot be replaced ends serving; tell everyone why
             log.exception("engine loop failed")
             self.error = exc

@@ -11,9 +11,12 @@ with a fresh process in the lost rank's place.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -32,6 +35,8 @@ from remp.parallel.groups import RENDEZVOUS_TIMEOUT
 from remp.topology import Topology
 
 
+log = logging.getLogger("remp.executor")
+
 # How long a survivor's report of a failure is given to turn out to be a lost peer (see
 # `LocalExecutor.failed_ranks`) before it is taken for a failure of its own.
 LOST_PEER_GRACE_S = 5.0
@@ -39,6 +44,8 @@ LOST_PEER_GRACE_S = 5.0
 # (nothing sends it a thousand commands unread); a gone one has no connection left, and a
 # blocking send would wait for a reconnection that never comes.
 COMMAND_SEND_TIMEOUT_MS = 1000
+# How often a wait checks the pool for lost workers, however busy the result socket is.
+CHECK_INTERVAL_S = 0.1
 # How many worlds `replace` tries to form (fresh processes each time for the ranks lost) before the
 # pool is given up (PoolLostError).
 MAX_FORMATION_ATTEMPTS = 3
@@ -96,11 +103,12 @@ class LocalExecutor:
         self.in_flight: deque[int] = deque()
         self._early: dict[int, StepResult] = {}
         self._replies: dict[tuple[str, int], WorkerReply] = {}
+        self._checked_at = 0.0  # when the pool was last checked for lost workers
         self._switch_id = 0  # of the switch under way; replies of older (or abandoned) ones are dropped
         self._formation = 0  # of the last world formed (ReformCommand); replies of older ones are dropped
         # Seconds from spawning a process to its joining the world, for every process started
         # (the first pool and every replacement): what a recovery is measured against.
-        self.startup_s: list[float] = []
+        self.startup_s: deque[float] = deque(maxlen=64)
         try:
             self._form(list(range(pool_size)), [], start_timeout_s, os.environ)
         except BaseException:
@@ -150,20 +158,22 @@ class LocalExecutor:
         """Next message from any worker, or None as soon as `interrupt()` (asked before each
         wait of up to 10 ms) is true; raises WorkerError if a worker dies or hangs, or time runs out."""
         deadline = time.monotonic() + timeout_s
-        waiting_since = time.monotonic()
         while interrupt is None or not interrupt():
+            # Checked even while messages keep coming: the steps of a small model answer every
+            # few ms, and a standby lost meanwhile would go unnoticed until they paused.
+            if time.monotonic() - self._checked_at > CHECK_INTERVAL_S:
+                self.check_workers()
             if (msg := self._poll(100 if interrupt is None else 10)) is not None:
                 return msg
-            self.check_workers(waiting_since)
+            self.check_workers()
             if time.monotonic() > deadline:
                 raise WorkerError(f"no answer from the workers within {timeout_s:.0f} s")
         return None
 
-    def check_workers(self, waiting_since: float) -> None:
+    def check_workers(self) -> None:
         """Raise WorkerError naming every rank that exited, or that has sent no heartbeat for
-        hang_timeout_s of a wait that began at `waiting_since` (beats queued while nobody waited
-        do not count against a worker; one still starting up is the start timeout's business)."""
-        dead, silent = self._lost_members(waiting_since)
+        hang_timeout_s (one still starting up is the start timeout's business)."""
+        dead, silent = self._lost_members()
         if dead:
             raise WorkerError(f"worker process exited: "
                               f"{', '.join(f'rank {r} (exit code {self.procs[r].returncode})' for r in dead)}")
@@ -171,16 +181,19 @@ class LocalExecutor:
             raise WorkerError(f"worker rank {', '.join(map(str, silent))} sent no heartbeat for "
                               f"{self.hang_timeout_s:.0f} s (hung)")
 
-    def _lost_members(self, waiting_since: float) -> tuple[list[int], list[int]]:
-        """The watched ranks whose process exited, and those silent for hang_timeout_s of a wait
-        that began at `waiting_since` (filed as hung)."""
+    def _lost_members(self) -> tuple[list[int], list[int]]:
+        """The watched ranks whose process exited, and those silent for hang_timeout_s (filed as
+        hung). A beat carries the time it was sent and none is dropped (see worker._heartbeat),
+        so a rank's last beat is known even when nobody read beats for a while: a standby
+        stopped while the steps run on is found as surely as a rank the steps wait for."""
+        self._checked_at = time.monotonic()
         while self._beats.poll(0):
             beat = decode(self._beats.recv())
             self._last_beat[beat.rank] = max(self._last_beat[beat.rank], beat.info["t"])
         dead = [r for r, p in enumerate(self.procs) if r not in self._lost and p is not None and p.poll() is not None]
         now = time.monotonic()
         silent = [r for r in sorted(self._beating - self._lost - set(dead))
-                  if now - max(self._last_beat[r], waiting_since) > self.hang_timeout_s]
+                  if now - self._last_beat[r] > self.hang_timeout_s]
         self._hung.update(silent)
         return dead, silent
 
@@ -207,12 +220,12 @@ class LocalExecutor:
             self._last_beat[msg.rank] = max(self._last_beat[msg.rank], time.monotonic())
             self._beating.add(msg.rank)
 
-    def has_replies(self, kinds: Iterable[str], ranks: Iterable[int], waiting_since: float) -> bool:
+    def has_replies(self, kinds: Iterable[str], ranks: Iterable[int]) -> bool:
         """True once every rank in `ranks` has answered each of `kinds`; never blocks, but raises
-        WorkerError for a worker that died or hung since `waiting_since`."""
+        WorkerError for a worker that died or hung."""
         while (msg := self._poll(0)) is not None:
             self._take(msg)
-        self.check_workers(waiting_since)
+        self.check_workers()
         return all((kind, r) in self._replies for kind in kinds for r in ranks)
 
     def _wait_for(self, wanted: set[tuple[str, int]], timeout_s: float,
@@ -330,8 +343,7 @@ class LocalExecutor:
         self._formation += 1
         members = sorted([*fresh, *survivors])
         self._broadcast(ReformCommand(self._new_store(), self._formation), members)
-        since = time.monotonic()
-        deadline, failure, answered = since + timeout_s, None, set()
+        deadline, failure, answered = time.monotonic() + timeout_s, None, set()
         while len(answered) < len(members):
             try:
                 msg = self._poll(100)
@@ -347,7 +359,7 @@ class LocalExecutor:
                 self._take(msg)
             elif msg is not None and not (isinstance(msg, WorkerReply) and msg.kind == "error"):
                 self._take(msg)
-            dead, silent = self._lost_members(since)
+            dead, silent = self._lost_members()
             if dead or silent:
                 answered.update(dead + silent)
                 failure = failure or (f"rank {', '.join(map(str, dead + silent))} "
@@ -355,13 +367,17 @@ class LocalExecutor:
                 deadline = min(deadline, time.monotonic() + SETTLE_S)
             if time.monotonic() > deadline:
                 late = [r for r in members if r not in answered]
+                for rank in late:  # where is it stuck? its stacks go to the server's log
+                    with contextlib.suppress(OSError):
+                        os.kill(self.procs[rank].pid, signal.SIGUSR1)
                 self._hung.update(late)
                 failure = failure or f"no answer from rank {', '.join(map(str, late))} while the world formed"
                 break
         if failure is not None:
+            log.warning("forming the world of ranks %s failed: %s (answered: %s)", members, failure, sorted(answered))
             raise WorkerError(failure)
         now = time.monotonic()
-        self.startup_s += [now - self._spawned_at[r] for r in fresh]
+        self.startup_s.extend(now - self._spawned_at[r] for r in fresh)
         for rank in members:
             self._replies.pop(("started", rank), None)
             self._replies.pop(("reformed", rank), None)

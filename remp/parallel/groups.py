@@ -1,13 +1,20 @@
 """Communication groups over the worker pool.
 
-Every pool worker, active or standby, joins one world group, and at that moment every
-group any layout of the pool can need: the tensor-parallel groups of every (tp, pp) that
-fits the pool (one per distinct set of ranks; layouts share them), and a second world group
-for KV migration. Forming groups is a rendezvous, the one kind of wait that cannot see a
-lost peer (there is no connection to break yet: the others wait for its key in the store
-until the timeout). So all of it happens while the world forms — when the engine knows that
-every member is up and watches them all — and never in the middle of a switch, and it is
-bounded by `RENDEZVOUS_TIMEOUT`, not by the collective timeout.
+Every pool worker, active or standby, joins one world, and at that moment every group any
+layout of the pool can need: the tensor-parallel groups of every (tp, pp) that fits the pool
+(one per distinct set of ranks; layouts share them), a group over all ranks for the hidden
+states a pipeline stage passes on, and another for KV migration. Forming groups is a
+rendezvous, the one kind of wait that cannot see a lost peer (there is no connection to break
+yet: the others wait for its key in the store). So all of it happens while the world forms —
+when the engine knows that every member is up and watches them all — and never in the middle
+of a switch. Joining the world is bounded by RENDEZVOUS_TIMEOUT; the groups after it, formed
+within milliseconds of a world every member just joined, take DIST_TIMEOUT, which gloo also
+applies to every operation on them (its point-to-point waits keep the timeout a group was
+made with).
+
+The world group itself carries no traffic. Dropping every reference to a group closes its
+connections (see `Worker.reform`): a peer blocked in an exchange with a rank that left the
+world then fails at once instead of waiting out DIST_TIMEOUT.
 """
 from __future__ import annotations
 
@@ -18,11 +25,11 @@ import torch.distributed as dist
 from remp.topology import Topology
 
 
-# How long a rendezvous (joining the world, forming the groups) may wait for a member. Every
-# member is already running and told to join at the same moment (see LocalExecutor), so it takes
-# milliseconds; a member lost meanwhile makes the others fail after this long.
+# How long joining the world may wait for a member. Every member is already running and told to
+# join at the same moment (see LocalExecutor), so it takes milliseconds; a member lost meanwhile
+# makes the others fail after this long.
 RENDEZVOUS_TIMEOUT = timedelta(seconds=15)
-# How long a collective may wait for a peer. A dead peer breaks its connections at once and a
+# How long an exchange may wait for a peer. A dead peer breaks its connections at once and a
 # stopped one is killed by the engine when its heartbeats stop; this bounds any wait left.
 DIST_TIMEOUT = timedelta(seconds=60)
 
@@ -54,17 +61,15 @@ class Groups:
     def __init__(self, rank: int):
         """Called by every pool rank right after it joins the world (a collective)."""
         self.rank = rank
-        world = dist.get_world_size()
+        everyone = list(range(dist.get_world_size()))
+        # Hidden states between pipeline stages. Ranks are world ranks (the group spans them all).
+        self.pipeline = dist.new_group(everyone, timeout=DIST_TIMEOUT)
         # KV pre-copied during a switch travels on a thread of its own while steps still pass
-        # activations over the world group; gloo matches messages by group, peer and tag, so the
-        # two streams get separate groups and cannot take each other's messages.
-        self.migration = dist.new_group(list(range(world)), timeout=RENDEZVOUS_TIMEOUT)
-        self._tp = {ranks: dist.new_group(list(ranks), timeout=RENDEZVOUS_TIMEOUT)
-                    for ranks in tp_rank_sets(world) if len(ranks) > 1}
-        # Formed: from now on a wait is a collective's, bounded by DIST_TIMEOUT.
-        for ranks, group in [((rank,), dist.group.WORLD), ((rank,), self.migration), *self._tp.items()]:
-            if rank in ranks:
-                dist.distributed_c10d._set_pg_timeout(DIST_TIMEOUT, group)
+        # hidden states; gloo matches messages by group, peer and tag, so the two streams get
+        # separate groups and cannot take each other's messages.
+        self.migration = dist.new_group(everyone, timeout=DIST_TIMEOUT)
+        self._tp = {ranks: dist.new_group(list(ranks), timeout=DIST_TIMEOUT)
+                    for ranks in tp_rank_sets(len(everyone)) if len(ranks) > 1}
 
     def tp_group(self, topo: Topology) -> dist.ProcessGroup | None:
         """This rank's tensor-parallel group under `topo` (None on a standby rank or when tp is 1)."""

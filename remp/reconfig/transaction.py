@@ -180,10 +180,10 @@ def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]]
     """Keep serving on the old layout until every pool worker has answered each of `kinds`,
     noticing the last answer while a step is under way (that step stays in flight, to be cut)."""
     executor = engine.executor
-    since = time.monotonic()  # the executor's clock for heartbeats
+    since = time.monotonic()
 
     def answered() -> bool:
-        return executor.has_replies(kinds, range(executor.pool_size), since)
+        return executor.has_replies(kinds, range(executor.pool_size))
 
     while not answered():
         if engine.scheduler.running or executor.in_flight:

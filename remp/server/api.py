@@ -148,7 +148,7 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
             "active_ranks": list(range(topo.world_size)), "standby_ranks": list(range(topo.world_size, pool)),
             "num_kv_blocks": stats.num_kv_blocks, "workers": engine.workers(),
             "worker_replacements": stats.num_worker_replacements,
-            "worker_startup_s": engine.engine.executor.startup_s[-pool:]}), media_type="application/json")
+            "worker_startup_s": list(engine.engine.executor.startup_s)}), media_type="application/json")
 
     @app.post("/v1/admin/reconfigure")
     async def reconfigure(body: ReconfigureRequest) -> Response:

@@ -11,6 +11,7 @@ and sends the tokens back to the engine.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import itertools
 import json
 import os
@@ -89,6 +90,8 @@ class Worker:
         self.hf_config = self.model_config.hf_config()
         self.store = WeightStore(model_path)
         self.groups: Groups | None = None  # made when the world forms (the first Reform: joining it)
+        self.formation = 0  # of the world this rank is in (ReformCommand.formation); tags its error reports
+        self.newest_formation = 0  # of the newest Reform received (set by the command thread)
         self.topo: Topology | None = None
         self.model: StageModel | None = None
         self.kv: KVCache | None = None
@@ -264,10 +267,19 @@ class Worker:
         rebuilt. A rendezvous that fails (a member lost meanwhile) leaves this rank in no world,
         ready for the next Reform."""
         self.abort()
+        self.formation = cmd.formation
+        # Let go of every group of the old world, so that their connections close now: a peer
+        # still blocked in an exchange with this rank fails at once and takes its own Reform,
+        # instead of waiting out DIST_TIMEOUT while the new world waits for it. (The models keep
+        # their weights: the next Prepare builds them anew around the new groups.)
         self._pending_sends.clear()
+        for model in (self.model, self.target and self.target[1], self.previous and self.previous[1]):
+            if model is not None:
+                model.tp_group = None
         self.groups = None
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()
         init_world(self.rank, self.pool_size, cmd.dist_init, self.backend)
         self.groups = Groups(self.rank)
         return {}
@@ -320,7 +332,7 @@ class Worker:
                 # The hidden state comes with one more element: 1 if an earlier stage cut the step
                 # (never where cuts are off: no host read of it there).
                 message = torch.empty(size + 1, dtype=self.dtype, device=self.device)
-                dist.recv(message, src=topo.rank(model.stage - 1, model.tp_rank))
+                dist.recv(message, src=topo.rank(model.stage - 1, model.tp_rank), group=self.groups.pipeline)
                 if cut is not None and message[-1].item() > 0:
                     raise StepCut
                 hidden = message[:-1].view(len(batch.input_ids), -1)
@@ -338,7 +350,8 @@ class Worker:
             body = out if out is not None else torch.zeros(size, dtype=self.dtype, device=self.device)
             message = with_cut_flag(body, out is None)
             try:
-                self._pending_sends.append(dist.isend(message, dst=topo.rank(model.stage + 1, model.tp_rank)))
+                self._pending_sends.append(dist.isend(message, dst=topo.rank(model.stage + 1, model.tp_rank),
+                                                      group=self.groups.pipeline))
             finally:
                 if failure is not None:
                     raise failure
@@ -404,7 +417,9 @@ def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) ->
     """Beat on a socket of its own while the process runs: a worker blocked in a collective keeps
     beating, one that is stopped or wedged does not, which is how the engine tells them apart."""
     sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, 2)
+    # Queue every beat while nobody reads them (a few bytes each): the engine reads the newest
+    # one's time when it next looks, so it never takes a stale beat for the last one.
+    sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
     try:
@@ -489,6 +504,10 @@ def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_a
                     building = in_background("precopied", msg.switch_id, lambda msg=msg: worker.precopy(msg))
                 elif isinstance(msg, StepCommand):
                     inbox.put((msg, None))
+                elif isinstance(msg, ReformCommand):
+                    worker.newest_formation = max(worker.newest_formation, msg.formation)
+                    inbox.put((msg, building))
+                    building = None
                 else:
                     inbox.put((msg, building))
                     building = None
@@ -516,15 +535,19 @@ def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_a
                 try:
                     result = worker.step(msg)
                 except Exception as exc:
-                    reply("error", *_failure(exc, "step: "))
+                    failure, message = _failure(exc, "step: ")
+                    reply("error", {**failure, "formation": worker.formation}, message)
                     continue
                 if result is not None:
                     results.send(encode(result))
                 continue
+            if isinstance(msg, ReformCommand) and msg.formation < worker.newest_formation:
+                continue  # the engine gave that world up and asked for a newer one: join that instead
             if building is not None:
                 wait([building])
             # A commit's answer carries its switch (one of a switch given up for a lost peer is
-            # dropped) and a Reform's its formation (a failed rendezvous is told from stale reports).
+            # dropped) and a Reform's its formation (a failed rendezvous is told from stale reports);
+            # an error the world it happened in (one of a world since re-formed is dropped).
             tag = ({"switch": msg.switch_id} if isinstance(msg, CommitCommand) else
                    {"formation": msg.formation} if isinstance(msg, ReformCommand) else {})
             try:
@@ -532,7 +555,7 @@ def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_a
             except Exception as exc:
                 worker.abort()
                 failure, message = _failure(exc, f"{type(msg).__name__}: ")
-                reply("error", {**failure, **tag}, message)
+                reply("error", {**failure, "formation": worker.formation, **tag}, message)
                 continue
             if answer is not None:
                 reply(answer[0], {**answer[1], **tag})
