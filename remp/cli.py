@@ -191,7 +191,8 @@ def _serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             app = build_app(engine, args.api_key, policy, args.policy_interval, args.max_request_bytes,
                             args.engine_stall_timeout)
-            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+            # A client that never reads its reply cannot hold the shutdown (and the exit) up.
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
     finally:
         engine.shutdown()
     if engine.error is not None:  # the pool could not be rebuilt: the server shut itself down

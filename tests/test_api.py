@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -187,6 +188,35 @@ BAD_REQUESTS = {
     "unknown model": ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404),
 }
 
+# Each is refused with a 400 whose `param` names the field (nothing coerced, nothing ignored).
+STRICT_REQUESTS = {
+    "temperature NaN": ("/v1/completions", b'{"model": M, "prompt": "hi", "temperature": NaN}', "temperature"),
+    "temperature 'nan'": ("/v1/completions", {"prompt": "hi", "temperature": "nan"}, "temperature"),
+    "temperature infinity": ("/v1/completions", b'{"model": M, "prompt": "hi", "temperature": 1e999}', "temperature"),
+    "max_tokens true": ("/v1/completions", {"prompt": "hi", "max_tokens": True}, "max_tokens"),
+    "max_tokens '5'": ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    "seed 1.5": ("/v1/completions", {"prompt": "hi", "seed": 1.5}, "seed"),
+    "lone surrogate in a prompt": ("/v1/completions", b'{"model": M, "prompt": "a\\ud800b"}', "prompt"),
+    "lone surrogate in a message": ("/v1/chat/completions",
+                                    b'{"model": M, "messages": [{"role": "user", "content": "a\\udc00"}]}',
+                                    "messages.0.content"),
+    "empty stop string": ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop"),
+    "unknown field": ("/v1/completions", {"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+    "echo": ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
+    "suffix": ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix"),
+    "best_of": ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
+    "logit_bias": ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias"),
+    "presence_penalty": ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    "frequency_penalty": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                   "frequency_penalty": 1.0}, "frequency_penalty"),
+    "tools": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                       "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "response_format": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                 "response_format": {"type": "json_object"}}, "response_format"),
+    "reconfigure tp true": ("/v1/admin/reconfigure", {"tensor_parallel_size": True, "pipeline_parallel_size": 1},
+                            "tensor_parallel_size"),
+}
+
 
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_bad_request(server, client, model_dir, name):
@@ -204,6 +234,95 @@ def test_bad_request(server, client, model_dir, name):
     if "context" in name:
         assert "maximum context length" in error["message"].lower()
     assert complete(client, model_dir, max_tokens=1).choices[0].text is not None
+
+
+@pytest.mark.parametrize("name", STRICT_REQUESTS)
+def test_strict_request_names_the_field(server, client, model_dir, name):
+    path, body, param = STRICT_REQUESTS[name]
+    if isinstance(body, bytes):
+        response = httpx.post(f"{server}{path}", content=body.replace(b"M", json.dumps(model_dir).encode()),
+                              headers={"content-type": "application/json"}, timeout=60)
+    else:
+        if path != "/v1/admin/reconfigure":
+            body = {"model": model_dir, **body}
+        response = httpx.post(f"{server}{path}", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    if name in STRICT_REQUESTS and name.split()[0] in ("echo", "suffix", "best_of", "logit_bias", "presence_penalty",
+                                                       "frequency_penalty", "tools", "response_format"):
+        assert "not supported by remp" in error["message"]
+    assert complete(client, model_dir, max_tokens=1).choices[0].text is not None
+    assert httpx.get(f"{server}/v1/admin/topology").json()["tensor_parallel_size"] == 1
+
+
+def test_neutral_values_of_unsupported_parameters_are_served(server, model_dir):
+    """Clients that always send the defaults (penalties 0, echo false, best_of 1, ...) are served."""
+    body = {"model": model_dir, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "echo": False, "best_of": 1,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None}
+    assert httpx.post(f"{server}/v1/completions", json=body, timeout=60).status_code == 200
+    chat = {"model": model_dir, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "tools": [],
+            "response_format": {"type": "text"}}
+    assert httpx.post(f"{server}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+
+
+def test_a_tiny_temperature_is_greedy(client, model_dir):
+    greedy = complete(client, model_dir, max_tokens=12, extra_body={"ignore_eos": True}).choices[0]
+    tiny = complete(client, model_dir, max_tokens=12, temperature=1e-38, extra_body={"ignore_eos": True}).choices[0]
+    assert (tiny.text, tiny.finish_reason) == (greedy.text, "length")
+
+
+def _serve_rss_kb(url: str) -> int:
+    from helpers import serve_pids
+    [pid] = serve_pids(int(url.rsplit(":", 1)[1]))
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+def test_large_bodies_are_refused_without_stalling_the_server(server, model_dir):
+    """A body over --max-request-bytes (8 MiB by default) gets 413 before it is parsed — with a
+    Content-Length or chunked; a prompt under it but longer than any context can hold is refused
+    without tokenizing; /health and a concurrent stream keep answering meanwhile, and the
+    server's memory does not keep what the requests brought."""
+    rss_before = _serve_rss_kb(server)
+    stream_body = {"model": model_dir, "prompt": "hi", "max_tokens": 100, "stream": True, "ignore_eos": True}
+    gaps: list[float] = []
+    health: list[float] = []
+
+    def stream_meanwhile() -> None:
+        last = time.monotonic()
+        with httpx.stream("POST", f"{server}/v1/completions", json=stream_body, timeout=60) as response:
+            for _ in response.iter_lines():
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+    def probe_health() -> None:
+        for _ in range(20):
+            t0 = time.monotonic()
+            assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+            health.append(time.monotonic() - t0)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=stream_meanwhile), threading.Thread(target=probe_health)]
+    for t in threads:
+        t.start()
+    too_big = json.dumps({"model": model_dir, "prompt": "x" * (9 * 2**20)}).encode()
+    reply = httpx.post(f"{server}/v1/completions", content=too_big, headers={"content-type": "application/json"},
+                       timeout=60)
+    assert reply.status_code == 413 and "max-request-bytes" in reply.json()["error"]["message"]
+    chunked = httpx.post(f"{server}/v1/completions", content=iter([too_big[i:i + 2**20]
+                                                                   for i in range(0, len(too_big), 2**20)]),
+                         headers={"content-type": "application/json"}, timeout=60)
+    assert chunked.status_code == 413
+    for _ in range(3):  # 6 MiB of text: under the limit, far over any context of 256 tokens
+        long = httpx.post(f"{server}/v1/completions", json={"model": model_dir, "prompt": "hello " * 2**20},
+                          timeout=60)
+        assert long.status_code == 400 and "maximum context length" in long.json()["error"]["message"]
+    for t in threads:
+        t.join(timeout=120)
+    assert max(health) < 1.0, health
+    assert max(gaps) < 2.0, max(gaps)
+    assert _serve_rss_kb(server) - rss_before < 300 * 1024
 
 
 # --- metrics and aborts -----------------------------------------------------------------
@@ -268,6 +387,12 @@ def test_api_key_accepted_and_served_model_name(keyed_server, model_dir):
         openai.OpenAI(base_url=f"{keyed_server}/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(f"{keyed_server}/health").status_code == 200
     assert httpx.get(f"{keyed_server}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/v1/admin/topology"])
+def test_api_key_guards_docs_and_admin_routes(keyed_server, path):
+    assert httpx.get(f"{keyed_server}{path}").status_code == 401
+    assert httpx.get(f"{keyed_server}{path}", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 # --- CLI --------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ would have had anyway. Faults are injected with REMP_FAULT_INJECT (the worker SI
 SIGSTOPs itself at the named phase); the engine never passes it to a replacement."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,13 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from helpers import remp_server, requests_running, worker_pids
+from helpers import REPO, remp, remp_server, requests_running, worker_pids
 from transformers import AutoModelForCausalLM
 
 from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
-from remp.executor.local import LocalExecutor, WorkerError
+from remp.bench.server_process import free_port
+from remp.executor.local import LocalExecutor, PoolLostError, WorkerError
 from remp.executor.messages import FAULT_ENV
 from remp.topology import Topology
 
@@ -169,3 +173,151 @@ def test_a_command_to_a_worker_whose_process_is_gone_fails_instead_of_waiting(ti
         assert executor.failed_ranks() == [1]
     finally:
         executor.shutdown()
+
+
+def _layout(url: str) -> dict:
+    return httpx.get(f"{url}/v1/admin/topology", timeout=60).json()
+
+
+def _await_replacements(url: str, count: int, timeout_s: float) -> float:
+    """Seconds until the server has replaced `count` workers in all and answers /health 200."""
+    t0 = time.monotonic()
+    while not (_layout(url)["worker_replacements"] >= count and httpx.get(f"{url}/health").status_code == 200):
+        assert time.monotonic() - t0 < timeout_s, f"not {count} replacements within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_a_worker_killed_right_after_a_switch_request_rolls_back_in_seconds(tiny_gqa, tmp_path):
+    """A worker SIGKILLed 0-50 ms after POST /v1/admin/reconfigure — before, during or right after
+    the prepare — is replaced within seconds (the survivors were not left in a group rendezvous
+    with it, and its replacement joined at once), the switch answers, and the requests under way
+    finish with their exact tokens. The server then switches again as if nothing happened."""
+    with remp_server(tiny_gqa, tmp_path / "serve.log", "--served-model-name", "tiny", "--worker-pool-size", "3",
+                     "--pipeline-parallel-size", "2", "--worker-hang-timeout", str(HANG_TIMEOUT_S)) as url:
+        expected = completion(url, PROMPTS[0], LONG_TOKENS)
+        targets = [(2, 1), (1, 3), (1, 1), (1, 2)]
+        replaced = 0
+        for i, (delay, victim) in enumerate([(0.0, 1), (0.003, 2), (0.01, 0), (0.05, 1)]):
+            tp, pp = targets[i % len(targets)]
+            pid = _layout(url)["workers"][victim]["pid"]
+            with ThreadPoolExecutor(2) as pool:
+                running = pool.submit(completion, url, PROMPTS[0], LONG_TOKENS)
+                while requests_running(url) < 1:
+                    time.sleep(0.01)
+                switch = pool.submit(httpx.post, f"{url}/v1/admin/reconfigure",
+                                     json={"tensor_parallel_size": tp, "pipeline_parallel_size": pp}, timeout=120)
+                time.sleep(delay)
+                os.kill(pid, signal.SIGKILL)
+                reply = switch.result(timeout=120)
+                assert reply.status_code == 200, reply.text
+                assert running.result(timeout=120) == expected
+            replaced += 1
+            assert _await_replacements(url, replaced, 60) < 30
+            body = reply.json()
+            if body["outcome"] == "rolled_back":
+                assert body["replaced_ranks"] == [victim] and f"rank {victim} " in body["reason"], body
+            assert pid not in {w["pid"] for w in _layout(url)["workers"]}
+        reply = httpx.post(f"{url}/v1/admin/reconfigure", json={"tensor_parallel_size": 1, "pipeline_parallel_size": 3},
+                           timeout=120)
+        assert reply.json()["outcome"] in ("committed", "unchanged"), reply.text
+        assert completion(url, PROMPTS[0], LONG_TOKENS) == expected
+
+
+def test_a_stopped_standby_is_found_while_the_steps_keep_coming(tiny_gqa, tmp_path):
+    """A standby SIGSTOPped while requests decode is found hung within the hang timeout and replaced,
+    though the results of the steps never pause long enough for a wait on them to time out."""
+    with remp_server(tiny_gqa, tmp_path / "serve.log", "--served-model-name", "tiny", "--worker-pool-size", "3",
+                     "--worker-hang-timeout", "2") as url:
+        expected = completion(url, PROMPTS[0], LONG_TOKENS)
+        standby = _layout(url)["workers"][2]
+        assert standby["role"] == "standby"
+        with ThreadPoolExecutor(3) as pool:
+            running = [pool.submit(completion, url, PROMPTS[0], LONG_TOKENS) for _ in range(3)]
+            while requests_running(url) < 1:
+                time.sleep(0.01)
+            os.kill(standby["pid"], signal.SIGSTOP)
+            assert _await_replacements(url, 1, 30) < 15
+            assert [r.result(timeout=120) for r in running] == [expected] * 3
+        assert standby["pid"] not in {w["pid"] for w in _layout(url)["workers"]}
+
+
+def test_health_turns_503_while_the_engine_makes_no_progress(tiny_gqa, tmp_path):
+    """/health answers 503 once the engine loop has made no progress for --engine-stall-timeout (here a
+    serving worker is stopped and the hang timeout is long), and 200 again when it moves on."""
+    with remp_server(tiny_gqa, tmp_path / "serve.log", "--served-model-name", "tiny", "--worker-hang-timeout", "300",
+                     "--engine-stall-timeout", "2") as url:
+        expected = completion(url, PROMPTS[0], LONG_TOKENS)
+        worker = _layout(url)["workers"][0]
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(completion, url, PROMPTS[0], LONG_TOKENS)
+            while requests_running(url) < 1:
+                time.sleep(0.01)
+            os.kill(worker["pid"], signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 20
+                while (health := httpx.get(f"{url}/health", timeout=5)).status_code == 200:
+                    assert time.monotonic() < deadline, "/health stayed 200 while the engine was stuck"
+                    time.sleep(0.2)
+                assert health.status_code == 503 and "no progress" in health.json()["reason"], health.text
+            finally:
+                os.kill(worker["pid"], signal.SIGCONT)
+            assert running.result(timeout=120) == expected
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_replacement_that_cannot_start_is_tried_again_then_the_pool_is_given_up(tiny_gqa, tmp_path):
+    """A replacement that dies starting up is seen at once — not after the start timeout — and
+    tried again with a fresh rendezvous; after MAX_FORMATION_ATTEMPTS the executor says so."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gqa, model)
+    executor = LocalExecutor(str(model), 2, "float32")
+    try:
+        executor.procs[1].send_signal(signal.SIGKILL)
+        executor.kill(executor.failed_ranks(wait_s=30))
+        (model / "config.json").rename(model / "config.json.gone")  # every new worker now fails to start
+        t0 = time.monotonic()
+        with pytest.raises(PoolLostError, match="config.json"):
+            executor.replace(timeout_s=120)
+        assert time.monotonic() - t0 < 60
+        assert executor.procs[0].poll() is None  # the survivor is untouched
+    finally:
+        executor.shutdown()
+
+
+def test_server_that_cannot_rebuild_its_pool_answers_503_and_exits_1(tiny_gqa, tmp_path):
+    """When no replacement can start, the engine stops: a request waiting meanwhile gets 503 (the
+    engine stopped), and `remp serve` shuts down and exits 1 instead of serving errors forever."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gqa, model)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(remp("serve", str(model), "--port", str(port), "--served-model-name", "tiny",
+                                     "--max-model-len", "256", "--num-kv-blocks", "128", "--worker-pool-size", "2"),
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "not healthy"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        pid = _layout(url)["workers"][0]["pid"]
+        (model / "config.json").rename(model / "config.json.gone")
+        with ThreadPoolExecutor(1) as pool:
+            os.kill(pid, signal.SIGKILL)
+            waiting = pool.submit(httpx.post, f"{url}/v1/completions", timeout=120,
+                                  json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4})
+            reply = waiting.result(timeout=120)
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["code"] == "engine_stopped"
+        assert proc.wait(timeout=120) == 1
+        assert "could not rebuild the worker pool" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -185,9 +185,17 @@ def test_sampler():
     assert draws == [sample_row(logits, 1.0, 1.0, 2, 7, pos) for pos in range(200)]  # seeded
 
 
+def test_a_tiny_positive_temperature_samples_greedily():
+    """logits / 1e-38 overflows to inf and softmax of that is NaN: such a temperature is greedy."""
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0])
+    for temperature in (1e-38, 1e-30, 1e-6):
+        assert [sample_row(logits, temperature, 1.0, 0, 3, pos) for pos in range(20)] == [1] * 20
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-    (dict(top_k=-2), "top_k"), (dict(logprobs=21), "logprobs")])
+    (dict(top_k=-2), "top_k"), (dict(logprobs=21), "logprobs"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature")])
 def test_sampling_params_validation(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kwargs).validate()
@@ -243,3 +251,17 @@ def test_the_builder_thread_keeps_one_openmp_thread_when_a_commit_sets_more():
     finally:
         pool.shutdown()
         use_threads(before)
+
+
+def test_every_tensor_parallel_group_of_a_pool_is_formed_with_the_world():
+    """Groups are made when the world forms, never in a switch: every set of ranks some layout of
+    the pool uses as a tensor-parallel group is in the list, once."""
+    from remp.parallel.groups import tp_rank_sets
+
+    sets = tp_rank_sets(4)
+    assert len(sets) == len(set(sets))
+    for tp in range(1, 5):
+        for pp in range(1, 4 // tp + 1):
+            topo = Topology(tp, pp)
+            assert all(tuple(topo.tp_group_ranks(stage)) in sets for stage in range(pp))
+    assert {s for s in sets if len(s) > 1} == {(0, 1), (2, 3), (0, 1, 2), (0, 1, 2, 3)}

@@ -20,6 +20,7 @@ corrupted or wedged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -58,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of switches asked for twice at once (default 0.1)")
     parser.add_argument("--disconnect-share", type=float, default=0.1,
                         help="share of requests whose client hangs up mid-stream (default 0.1)")
-    parser.add_argument("--hang-timeout", type=float, default=3.0,
-                        help="the server's --worker-hang-timeout: how soon a stopped worker is found (default 3)")
+    parser.add_argument("--hang-timeout", type=float, default=2.0,
+                        help="the server's --worker-hang-timeout: how soon a stopped worker is found (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the JSON report here")
     parser.add_argument("--server-log", help="keep the server's log here")
@@ -130,7 +131,9 @@ class Load:
             r.disconnected += 1
         elif outcome.error is not None:
             r.fail("lost", outcome.error)
-        elif outcome.tokens > max_tokens or outcome.finishes != 1:
+        elif outcome.finishes == 0:
+            r.fail("lost", "the stream ended without a finish reason")
+        elif outcome.tokens > max_tokens or outcome.finishes > 1:
             r.fail("duplicated", f"{outcome.tokens} tokens, {outcome.finishes} finishes")
         elif outcome.text != reference or outcome.tokens != max_tokens:
             r.fail("corrupted", f"{outcome.text!r} != {reference!r}")
@@ -265,7 +268,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = make_prompts(model, args.prompts, args.output_len, rng)
     print(f"chaos: {args.switches} switches, {args.faults} faults, pool {args.pool}, layouts {', '.join(layouts)}; "
           f"server {url}", flush=True)
-    references = [stream(client, url, p).text for p in prompts]
+    first = [stream(client, url, p) for p in prompts]
+    if failed := [o.error for o in first if o.error is not None or o.tokens != args.output_len]:
+        server.stop()
+        raise SystemExit(f"error: the reference run (no faults) failed: {failed[0]}")
+    references = [o.text for o in first]
     load, health = Load(url, prompts, references, args, rng), HealthProbe(url)
     load.start()
     health.start()
@@ -282,15 +289,19 @@ def run(args: argparse.Namespace) -> int:
             # Spread the faults evenly over the switches (the last ones may not get one).
             fault_here = len(faults) < args.faults and rng.random() < (args.faults - len(faults)) / (args.switches - n)
             double = rng.random() < args.double_share
-            before = topology(client, url)
+            try:
+                before = topology(client, url)
+            except httpx.HTTPError as exc:
+                wedges.append(f"the server stopped answering before switch {n}: {exc}")
+                break
             reply: dict = {}
+            second: dict = {}
             asked = threading.Thread(target=_ask, args=(client, url, tp, pp, reply), daemon=True)
             t_asked = time.monotonic()
             asked.start()
-            if double:
-                status = client.post(f"{url}/v1/admin/reconfigure", json={"tensor_parallel_size": tp,
-                                                                         "pipeline_parallel_size": pp}).status_code
-                doubles[status] += 1
+            if double:  # the same switch again at once: one of the two must get 409
+                _ask(client, url, tp, pp, second)
+                doubles[second["status"]] += 1
             fault = None
             if fault_here:
                 victim = rng.choice(before["workers"])
@@ -304,6 +315,8 @@ def run(args: argparse.Namespace) -> int:
             if asked.is_alive() or "status" not in reply:
                 wedges.append(f"switch {n} to {target} never answered")
                 break
+            if reply["status"] == 409 and second.get("status") == 200:
+                reply = second  # the second was taken first: its switch is the one that ran
             body = reply.get("body", {})
             outcome = body.get("outcome", f"HTTP {reply['status']}")
             outcomes[outcome] += 1
@@ -314,7 +327,11 @@ def run(args: argparse.Namespace) -> int:
                 if fault.recovery_s is None:
                     wedges.append(f"fault {len(faults)} ({kind} rank {fault.rank}) never recovered")
                     break
-            current = "{tensor_parallel_size}x{pipeline_parallel_size}".format(**topology(client, url))
+            try:
+                current = "{tensor_parallel_size}x{pipeline_parallel_size}".format(**topology(client, url))
+            except httpx.HTTPError as exc:
+                wedges.append(f"the server stopped answering after switch {n}: {exc}")
+                break
             if (n + 1) % 50 == 0:
                 print(f"  {n + 1} switches ({dict(outcomes)}), {len(faults)} faults, requests: "
                       f"{asdict(load.requests) | {'examples': len(load.requests.examples)}}", flush=True)
@@ -322,7 +339,10 @@ def run(args: argparse.Namespace) -> int:
         load.stop()
         health.stop()
         elapsed = time.monotonic() - t_start
-        final = topology(client, url) if server.proc and server.proc.poll() is None else {}
+        final = {}
+        if server.proc and server.proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                final = topology(client, url)
         # The server still serves every prompt right after the soak.
         after = [stream(client, url, p) for p in prompts[:2]] if final else []
         client.close()
@@ -413,9 +433,10 @@ def _summary(r: dict) -> str:
         f"replacements {f['replacements']}",
     ]
     if rec:
+        startup, ratio = f["worker_startup_s_median"], f["slowest_recovery_over_startup"]
         lines.append(f"recovery s: median {rec['median']:.2f}, p95 {rec['p95']:.2f}, max {rec['max']:.2f}; "
-                     f"worker start-up median {f['worker_startup_s_median']:.2f} s; "
-                     f"slowest / start-up {f['slowest_recovery_over_startup']:.2f}x")
+                     f"worker start-up median {'n/a' if startup is None else f'{startup:.2f} s'}; "
+                     f"slowest / start-up {'n/a' if ratio is None else f'{ratio:.2f}x'}")
     lines += [
         f"requests: {q['finished']} exact, {q['lost']} lost, {q['duplicated']} duplicated, {q['corrupted']} corrupted, "
         f"{q['disconnected']} hung up by the client; longest wait in a stream {q['longest_gap_s']:.2f} s",

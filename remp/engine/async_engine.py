@@ -228,7 +228,7 @@ class AsyncEngine:
                     log.exception("lost a worker; replacing it")
                     self.recovery_since = time.monotonic()
                     try:
-                        recovery = self.engine.recover(self._pump)
+                        recovery = self._recover()
                     finally:
                         self.recovery_since = None
                     log.warning("replaced worker rank %s; %d running requests recompute",
@@ -237,6 +237,19 @@ class AsyncEngine:
             log.exception("engine loop failed")
             self.error = exc
             self._fail_all(exc)
+
+    def _recover(self):
+        """Replace the lost workers; if another is lost on the way (while the steps in flight of a
+        lost standby are collected, say), recover again. PoolLostError ends it."""
+        while True:
+            try:
+                return self.engine.recover(self._pump)
+            except PoolLostError:
+                raise
+            except WorkerError:
+                if not self.engine.executor.failed_ranks(wait_s=LOST_PEER_GRACE_S):
+                    raise
+                log.exception("lost another worker while replacing one; replacing it too")
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every open stream and every queued switch, so no caller waits forever."""

@@ -270,8 +270,12 @@ class LLMEngine:
                     raise PoolLostError(f"could not rebuild the worker pool in {attempt} tries; last: {exc}") from exc
                 cause += f"; then {_cause(executor, lost)} while replacing"
                 executor.kill(lost)
-                if any(topo.coords(r) is not None for r in lost):
-                    preempted += self._drop_kv()
+                if any(topo.coords(r) is not None for r in lost) and not preempted:
+                    preempted = self._drop_kv()
+        if not preempted and any(topo.coords(r) is not None for r in replaced):
+            # A serving survivor was lost while the world formed (replace kills one that dies or
+            # stays silent): its KV went with it.
+            preempted = self._drop_kv()
         self.num_worker_replacements += len(replaced)
         return Recovery(sorted(replaced), preempted, cause)
 

@@ -150,6 +150,8 @@ class LocalExecutor:
         if isinstance(msg, WorkerReply) and (msg.info.get("switch", self._switch_id) != self._switch_id
                                              or msg.info.get("formation", self._formation) != self._formation):
             return None  # from a switch given up (its replies may trail the "aborted" ones) or an old world
+        if isinstance(msg, WorkerReply) and msg.kind == "started" and msg.info["pid"] != self.procs[msg.rank].pid:
+            return None  # from a process of this rank that died since (its replacement says so itself)
         if isinstance(msg, WorkerReply) and msg.kind == "error":
             raise WorkerReportedError(f"worker {msg.rank} failed: {msg.message}", msg)
         return msg
@@ -189,7 +191,11 @@ class LocalExecutor:
         self._checked_at = time.monotonic()
         while self._beats.poll(0):
             beat = decode(self._beats.recv())
+            if beat.info.get("pid", self.procs[beat.rank].pid) != self.procs[beat.rank].pid:
+                continue  # a beat of a process of this rank that died since
             self._last_beat[beat.rank] = max(self._last_beat[beat.rank], beat.info["t"])
+            if beat.rank not in self._lost:
+                self._beating.add(beat.rank)  # beating: from now on its silence counts, even before "started"
         dead = [r for r, p in enumerate(self.procs) if r not in self._lost and p is not None and p.poll() is not None]
         now = time.monotonic()
         silent = [r for r in sorted(self._beating - self._lost - set(dead))
@@ -297,8 +303,11 @@ class LocalExecutor:
         switch is confirmed (no reply awaited); on a WorkerError before that, the workers that
         did switch go back on `abort` (or when re-formed)."""
         answers = self.answers("committed", timeout_s)
-        self._broadcast(ConfirmCommand())
+        # Every worker has switched: the switch is done, whatever happens to one of them from now on
+        # (a rank lost before its Confirm is found by the next check and replaced on `topo`).
         self.topology = topo
+        with contextlib.suppress(WorkerError):
+            self._broadcast(ConfirmCommand())
         return answers
 
     def abort(self, timeout_s: float) -> None:
@@ -339,11 +348,19 @@ class LocalExecutor:
         must find them free; one that does not is filed as hung)."""
         for rank in fresh:
             self._spawn(rank, env)
-        self._wait_for({("started", r) for r in fresh}, timeout_s, raises=lambda reply: reply.rank in fresh)
+        try:
+            self._wait_for({("started", r) for r in fresh}, timeout_s, raises=lambda reply: reply.rank in fresh)
+        except WorkerError:
+            # A fresh process that has not started by now is replaced too, whatever became of it.
+            self._hung.update(r for r in fresh if ("started", r) not in self._replies and self.procs[r].poll() is None)
+            raise
         self._formation += 1
         members = sorted([*fresh, *survivors])
-        self._broadcast(ReformCommand(self._new_store(), self._formation), members)
         deadline, failure, answered = time.monotonic() + timeout_s, None, set()
+        try:
+            self._broadcast(ReformCommand(self._new_store(), self._formation), members)
+        except WorkerError as exc:  # a member is gone: the others are told, and must report before the next try
+            failure, deadline = str(exc), time.monotonic() + SETTLE_S
         while len(answered) < len(members):
             try:
                 msg = self._poll(100)
@@ -351,7 +368,10 @@ class LocalExecutor:
                 if exc.reply.info.get("formation") != self._formation:
                     continue  # a survivor's late report of what the lost peer broke
                 answered.add(exc.reply.rank)
-                failure = failure or str(exc)
+                if failure is None:
+                    failure = str(exc)
+                    log.warning("rank %d failed to join world %d: %s", exc.reply.rank, self._formation,
+                                exc.reply.info.get("traceback", "")[-1500:])
                 deadline = min(deadline, time.monotonic() + SETTLE_S)
                 continue
             if isinstance(msg, WorkerReply) and msg.kind == "reformed":
@@ -370,6 +390,8 @@ class LocalExecutor:
                 for rank in late:  # where is it stuck? its stacks go to the server's log
                     with contextlib.suppress(OSError):
                         os.kill(self.procs[rank].pid, signal.SIGUSR1)
+                if late:
+                    time.sleep(0.5)  # let them finish printing before they are killed
                 self._hung.update(late)
                 failure = failure or f"no answer from rank {', '.join(map(str, late))} while the world formed"
                 break

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remp import __version__
 from remp.engine.async_engine import EngineDeadError
+from remp.executor.local import PoolLostError, WorkerError
 from remp.engine.outputs import RequestOutput
 from remp.policy.autoscaler import AutoReconfigurer
 from remp.policy.policy import Policy
@@ -75,7 +76,8 @@ class APIError(Exception):
                  param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
-        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        # What the client sent may be quoted here, lone surrogates included: escape what UTF-8 cannot hold.
+        self.info = ErrorInfo(message=_printable(message), type=type, param=param and _printable(param), code=code)
 
     def response(self) -> Response:
         return _json(ErrorResponse(error=self.info), self.status)
@@ -86,6 +88,10 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DEFAULT_STALL_TIMEOUT_S = 120.0
 # Tokenizing happens on these many threads, each with a tokenizer of its own, never on the event loop.
 TOKENIZER_THREADS = 2
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
@@ -158,6 +164,12 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
             raise APIError(409, str(exc), code="reconfiguration_in_progress") from None
         except ValueError as exc:  # TopologyError, or a KV cache too small for the target
             raise APIError(400, str(exc)) from None
+        except PoolLostError as exc:  # the pool could not be rebuilt: the engine stopped
+            raise EngineDeadError(f"the engine has stopped: {exc}") from None
+        except WorkerError as exc:  # the rollback itself lost a worker; the engine replaces it next
+            raise APIError(503, f"the switch failed and could not be rolled back cleanly ({exc}); the lost "
+                                f"worker is being replaced on the old layout", type="service_unavailable",
+                           code="worker_lost") from None
         metrics.record_reconfiguration(result)
         return Response(json.dumps(result.to_dict()), media_type="application/json")
 

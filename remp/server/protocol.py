@@ -101,6 +101,11 @@ class _SamplingRequest(BaseModel):
     min_p: float | None = None  # extension (vLLM)
     min_tokens: int | None = None  # extension (vLLM)
 
+    @field_validator("model", "user")
+    @classmethod
+    def _unicode(cls, value: str | None, info) -> str | None:
+        return value if value is None else check_text(value, info.field_name)
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int) -> int:
@@ -191,9 +196,25 @@ class TextContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
+    # Fields of an assistant or tool message a client may send back as it got it: tool calls are
+    # not implemented, so they are accepted only empty.
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"tool_calls": ([],), "tool_call_id": (), "function_call": (),
+                                               "refusal": (), "annotations": ([],), "audio": ()}
+
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _refuse_unsupported(cls, value, info):
+        return _neutral_only(cls, value, info.field_name)
 
     @field_validator("role", "content", "name")
     @classmethod

@@ -422,10 +422,12 @@ def _heartbeat(ctx: zmq.Context, addr: str, rank: int, stop: threading.Event) ->
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
+    pid = os.getpid()
     try:
         while True:
             try:
-                sock.send(encode(WorkerReply(rank=rank, kind="heartbeat", info={"t": time.monotonic()})), zmq.NOBLOCK)
+                sock.send(encode(WorkerReply(rank=rank, kind="heartbeat", info={"t": time.monotonic(), "pid": pid})),
+                          zmq.NOBLOCK)
             except zmq.Again:  # nobody is draining beats right now; a fresh one follows
                 pass
             if stop.wait(HEARTBEAT_INTERVAL_S):
@@ -541,10 +543,10 @@ def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_a
                 if result is not None:
                     results.send(encode(result))
                 continue
-            if isinstance(msg, ReformCommand) and msg.formation < worker.newest_formation:
-                continue  # the engine gave that world up and asked for a newer one: join that instead
             if building is not None:
                 wait([building])
+            if isinstance(msg, ReformCommand) and msg.formation < worker.newest_formation:
+                continue  # the engine gave that world up and asked for a newer one: join that instead
             # A commit's answer carries its switch (one of a switch given up for a lost peer is
             # dropped) and a Reform's its formation (a failed rendezvous is told from stale reports);
             # an error the world it happened in (one of a world since re-formed is dropped).
