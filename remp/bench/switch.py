@@ -92,8 +92,7 @@ class PairResult(Switch):
     floor_s: float | None  # kv_bytes_moved / bandwidth; None when no KV moved
     pause_over_floor: float | None
     # The part of the pause after the drain ("commit": the rest of the migration, the swap) over the
-    # floor: about what sessions before 2026-11-29 (session 10) called the pause, for comparison
-    # (the migration then began after the drain; now a rank with no step to end begins it sooner).
+    # floor: how close the work after the steps have stopped comes to moving the bytes alone.
     after_drain_over_floor: float | None
 
 
