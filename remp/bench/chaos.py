@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=48, help="tokens per request (default 48)")
     parser.add_argument("--max-delay-ms", type=float, default=200.0,
                         help="a fault lands 0..this many ms after its switch is asked for (default 200)")
+    parser.add_argument("--in-switch-share", type=float, default=0.0,
+                        help="share of faults whose delay is drawn within the median length of the recent "
+                             "switches instead, so they land inside one (a switch of a small model takes tens "
+                             "of ms: most faults 0..--max-delay-ms after it land in the serving after it)")
     parser.add_argument("--stop-share", type=float, default=0.3,
                         help="share of faults that SIGSTOP (hang) rather than SIGKILL (default 0.3)")
     parser.add_argument("--double-share", type=float, default=0.1,
@@ -88,6 +92,7 @@ class Fault:
     rank: int
     role: str  # the victim's role when the switch was asked for: "active" | "standby"
     delay_ms: float  # after the switch request
+    aimed_in_switch: bool  # its delay was drawn within the recent switches' length (--in-switch-share)
     switch_outcome: str  # what the switch it came with answered
     recovery_s: float | None  # from the signal to the replacement in service; None: never (a wedge)
 
@@ -281,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     outcomes: Counter[str] = Counter()
     doubles = Counter()
     wedges: list[str] = []
+    switch_s: list[float] = []  # how long the committed switches without a fault took
     current = "{tensor_parallel_size}x{pipeline_parallel_size}".format(**topology(client, url))
     try:
         for n in range(args.switches):
@@ -306,11 +312,13 @@ def run(args: argparse.Namespace) -> int:
             if fault_here:
                 victim = rng.choice(before["workers"])
                 kind = "stop" if rng.random() < args.stop_share else "kill"
-                delay = rng.uniform(0, args.max_delay_ms) / 1000
+                aimed = bool(switch_s) and rng.random() < args.in_switch_share
+                window = statistics.median(switch_s[-20:]) if aimed else args.max_delay_ms / 1000
+                delay = rng.uniform(0, window)
                 time.sleep(max(0.0, t_asked + delay - time.monotonic()))
                 t_fault = time.monotonic()
                 os.kill(victim["pid"], signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
-                fault = Fault(kind, victim["rank"], victim["role"], (t_fault - t_asked) * 1000, "", None)
+                fault = Fault(kind, victim["rank"], victim["role"], (t_fault - t_asked) * 1000, aimed, "", None)
             asked.join(SWITCH_TIMEOUT_S)
             if asked.is_alive() or "status" not in reply:
                 wedges.append(f"switch {n} to {target} never answered")
@@ -320,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
             body = reply.get("body", {})
             outcome = body.get("outcome", f"HTTP {reply['status']}")
             outcomes[outcome] += 1
+            if outcome == "committed" and fault is None:
+                switch_s.append(body["timings_s"]["total"])
             if fault is not None:
                 fault.switch_outcome = outcome
                 fault.recovery_s = _await_recovery(client, url, before, victim["pid"], t_fault)
@@ -407,6 +417,7 @@ def _report(args, layouts, outcomes, doubles, faults, requests, health, wedges, 
                      "asked_twice": sum(doubles.values()), "second_answers": {str(k): v for k, v in doubles.items()}},
         "faults": {"injected": len(faults), "by_kind": dict(by_kind),
                    "with_switch_outcome": dict(Counter(f.switch_outcome for f in faults)),
+                   "aimed_in_switch": dict(Counter(f.switch_outcome for f in faults if f.aimed_in_switch)),
                    "replacements": final.get("worker_replacements"),
                    "recovery_s": _stats(recoveries),
                    "recovery_s_by_signal": {s: _stats([f.recovery_s for f in faults
@@ -429,8 +440,8 @@ def _summary(r: dict) -> str:
     lines = [
         f"chaos on {r['cpu']} ({r['cores']} cores), pool {r['pool']}, {r['elapsed_s']:.0f} s",
         f"switches: {s['asked']} {s['outcomes']}; asked twice {s['asked_twice']} (second got {s['second_answers']})",
-        f"faults: {f['injected']} {f['by_kind']}; switch outcomes {f['with_switch_outcome']}; "
-        f"replacements {f['replacements']}",
+        f"faults: {f['injected']} {f['by_kind']}; switch outcomes {f['with_switch_outcome']} "
+        f"(of those aimed inside a switch: {f['aimed_in_switch']}); replacements {f['replacements']}",
     ]
     if rec:
         startup, ratio = f["worker_startup_s_median"], f["slowest_recovery_over_startup"]

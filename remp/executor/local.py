@@ -29,7 +29,7 @@ import zmq
 
 from remp.executor.cut import CutFlags
 from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand,
-                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand,
+                                    DigestCommand, LeaveCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand,
                                     StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.parallel.groups import RENDEZVOUS_TIMEOUT
 from remp.topology import Topology
@@ -346,6 +346,9 @@ class LocalExecutor:
         that are up. Raises WorkerError when a member exits, hangs or reports a failure first
         (members still in a failed rendezvous are given SETTLE_S to report it: the next world
         must find them free; one that does not is filed as hung)."""
+        self._formation += 1  # the world about to form: Leave, Reform and their answers carry it
+        if survivors:
+            self._leave(survivors)
         for rank in fresh:
             self._spawn(rank, env)
         try:
@@ -354,7 +357,6 @@ class LocalExecutor:
             # A fresh process that has not started by now is replaced too, whatever became of it.
             self._hung.update(r for r in fresh if ("started", r) not in self._replies and self.procs[r].poll() is None)
             raise
-        self._formation += 1
         members = sorted([*fresh, *survivors])
         deadline, failure, answered = time.monotonic() + timeout_s, None, set()
         try:
@@ -403,6 +405,36 @@ class LocalExecutor:
         for rank in members:
             self._replies.pop(("started", rank), None)
             self._replies.pop(("reformed", rank), None)
+
+    def _leave(self, survivors: list[int]) -> None:
+        """Have every survivor leave the broken world (LeaveCommand) before a new one forms. One
+        that cannot answer within hang_timeout_s is stuck — in an exchange with a peer that is
+        itself stuck, say — and is filed as hung (WorkerError): it is replaced rather than left
+        to make the new world's rendezvous wait for it."""
+        with contextlib.suppress(WorkerError):  # a gone survivor is found below
+            self._broadcast(LeaveCommand(self._formation), survivors)
+        deadline = time.monotonic() + self.hang_timeout_s
+        left: set[int] = set()
+        while len(left) < len(survivors) and time.monotonic() < deadline:
+            try:
+                msg = self._poll(50)
+            except WorkerReportedError as exc:
+                if exc.reply.info.get("formation") == self._formation:
+                    left.add(exc.reply.rank)  # it failed to tear the old world down; the Reform will say more
+                continue
+            if isinstance(msg, WorkerReply) and msg.kind == "left":
+                left.add(msg.rank)
+            elif msg is not None:
+                self._take(msg)
+            dead, silent = self._lost_members()
+            if dead or silent:
+                raise WorkerError(f"rank {', '.join(map(str, dead + silent))} "
+                                  f"{'exited' if dead else 'hung'} while leaving the broken world")
+        stuck = [r for r in survivors if r not in left]
+        if stuck:
+            self._hung.update(stuck)
+            raise WorkerError(f"rank {', '.join(map(str, stuck))} did not leave the broken world within "
+                              f"{self.hang_timeout_s:.0f} s (stuck)")
 
     def replace(self, timeout_s: float = 300.0) -> list[int]:
         """Have every survivor leave the broken world group and meet, in a new one, a fresh process

@@ -100,6 +100,16 @@ class DigestCommand:
 
 
 @dataclass
+class LeaveCommand:
+    """A worker was lost: leave the world it broke — let go of every group, so that their
+    connections close and any peer still blocked in an exchange with this rank fails at once —
+    and answer "left" (info["formation"] = `formation`, the world about to form). A rank that
+    cannot answer promptly is stuck, and is replaced rather than waited for."""
+
+    formation: int
+
+
+@dataclass
 class ReformCommand:
     """Join the world at `dist_init` (a fresh file store) and form every group there: the first
     command a started worker gets, and how survivors of a lost worker leave the world it broke
@@ -138,12 +148,13 @@ class WorkerReply:
 
 
 _TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand,
-                                        ConfirmCommand, AbortCommand, DigestCommand, ReformCommand, ShutdownCommand,
-                                        StepResult, WorkerReply)}
+                                        ConfirmCommand, AbortCommand, DigestCommand, LeaveCommand, ReformCommand,
+                                        ShutdownCommand, StepResult, WorkerReply)}
 
 
 Message = (StepCommand | PrepareCommand | PrecopyCommand | CommitCommand | ConfirmCommand
-           | AbortCommand | DigestCommand | ReformCommand | ShutdownCommand | StepResult | WorkerReply)
+           | AbortCommand | DigestCommand | LeaveCommand | ReformCommand | ShutdownCommand | StepResult
+           | WorkerReply)
 
 
 def encode(msg: Message) -> bytes:

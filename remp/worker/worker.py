@@ -32,7 +32,7 @@ from remp.config import ModelConfig
 from remp.engine.sampling import sample_row
 from remp.executor.cut import CutFlags
 from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand,
-                                    DigestCommand, PrecopyCommand, PrepareCommand, ReformCommand, SeqWork,
+                                    DigestCommand, LeaveCommand, PrecopyCommand, PrepareCommand, ReformCommand, SeqWork,
                                     ShutdownCommand, StepCommand, StepResult, WorkerReply, decode, encode)
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
@@ -266,12 +266,18 @@ class Worker:
         when a commit was not confirmed yet (the switch failed in its pause); every group is
         rebuilt. A rendezvous that fails (a member lost meanwhile) leaves this rank in no world,
         ready for the next Reform."""
-        self.abort()
+        self.leave()
         self.formation = cmd.formation
-        # Let go of every group of the old world, so that their connections close now: a peer
-        # still blocked in an exchange with this rank fails at once and takes its own Reform,
-        # instead of waiting out DIST_TIMEOUT while the new world waits for it. (The models keep
-        # their weights: the next Prepare builds them anew around the new groups.)
+        init_world(self.rank, self.pool_size, cmd.dist_init, self.backend)
+        self.groups = Groups(self.rank)
+        return {}
+
+    def leave(self) -> dict:
+        """Leave the world, if in one: go back to the layout in use (see `abort`) and let go of
+        every group, so that their connections close now — a peer still blocked in an exchange
+        with this rank fails at once and takes its own Leave, instead of waiting out DIST_TIMEOUT.
+        (The models keep their weights: the next Prepare builds them anew around new groups.)"""
+        self.abort()
         self._pending_sends.clear()
         for model in (self.model, self.target and self.target[1], self.previous and self.previous[1]):
             if model is not None:
@@ -280,12 +286,10 @@ class Worker:
         if dist.is_initialized():
             dist.destroy_process_group()
         gc.collect()
-        init_world(self.rank, self.pool_size, cmd.dist_init, self.backend)
-        self.groups = Groups(self.rank)
         return {}
 
-    def control(self, msg: CommitCommand | ConfirmCommand | AbortCommand | ReformCommand | DigestCommand
-                ) -> tuple[str, dict] | None:
+    def control(self, msg: CommitCommand | ConfirmCommand | AbortCommand | ReformCommand | LeaveCommand
+                | DigestCommand) -> tuple[str, dict] | None:
         """Run a reconfiguration or inspection command; returns the reply kind and its info, or
         None for a command that gets no reply (Confirm)."""
         if isinstance(msg, CommitCommand):
@@ -297,6 +301,8 @@ class Worker:
             return "aborted", self.abort()
         if isinstance(msg, ReformCommand):
             return "reformed", self.reform(msg)
+        if isinstance(msg, LeaveCommand):
+            return "left", self.leave()
         if isinstance(msg, DigestCommand):
             return "digest", self.kv.digests(msg.blocks) if self.kv else {}
         raise TypeError(f"unknown command {type(msg).__name__}")
@@ -551,7 +557,7 @@ def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_a
             # dropped) and a Reform's its formation (a failed rendezvous is told from stale reports);
             # an error the world it happened in (one of a world since re-formed is dropped).
             tag = ({"switch": msg.switch_id} if isinstance(msg, CommitCommand) else
-                   {"formation": msg.formation} if isinstance(msg, ReformCommand) else {})
+                   {"formation": msg.formation} if isinstance(msg, (ReformCommand, LeaveCommand)) else {})
             try:
                 answer = worker.control(msg)
             except Exception as exc:
