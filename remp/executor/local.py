@@ -105,7 +105,7 @@ class LocalExecutor:
         self._replies: dict[tuple[str, int], WorkerReply] = {}
         self._checked_at = 0.0  # when the pool was last checked for lost workers
         self._switch_id = 0  # of the switch under way; replies of older (or abandoned) ones are dropped
-        self._formation = 0  # of the last world formed (ReformCommand); replies of older ones are dropped
+        self._formation = 0  # of the last world begun (Leave, then Reform); replies of older ones are dropped
         # Seconds from spawning a process to its joining the world, for every process started
         # (the first pool and every replacement): what a recovery is measured against.
         self.startup_s: deque[float] = deque(maxlen=64)
@@ -174,7 +174,8 @@ class LocalExecutor:
 
     def check_workers(self) -> None:
         """Raise WorkerError naming every rank that exited, or that has sent no heartbeat for
-        hang_timeout_s (one still starting up is the start timeout's business)."""
+        hang_timeout_s since its last beat (a process not beating yet, still importing, is the start
+        timeout's business)."""
         dead, silent = self._lost_members()
         if dead:
             raise WorkerError(f"worker process exited: "
