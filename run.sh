@@ -14,7 +14,7 @@ bash scripts/setup.sh
 PY=.venv/bin/python
 
 echo "== converting the bundled model (once; about 40 s the first time)"
-MODEL_DIR="$("$PY" -c 'from remp.models.bundled import bundled_model_dir; print(bundled_model_dir())' | tail -n 1)"
+MODEL_DIR="$("$PY" -c 'from remp.weights.bundled import bundled_model_dir; print(bundled_model_dir())' | tail -n 1)"
 echo "model: $MODEL_DIR"
 
 PORT="${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"

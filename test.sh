@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 bash scripts/setup.sh
-.venv/bin/python -c 'from remp.models.bundled import bundled_model_dir; print("bundled model:", bundled_model_dir())'
+.venv/bin/python -c 'from remp.weights.bundled import bundled_model_dir; print("bundled model:", bundled_model_dir())'
 exec .venv/bin/python -m pytest -q "$@"

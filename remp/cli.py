@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint for tests")
     tiny.add_argument("dir")
-    tiny.add_argument("--variant", default="gqa",
-                      help="gqa (8 query / 2 KV heads, default), mha (4 / 4) or qwen2 (4 / 2, qkv bias)")
+    tiny.add_argument("--variant", default="gqa", choices=("gqa", "mha", "qwen2", "qwen3", "mistral"),
+                      help="gqa (Llama, 8 query / 2 KV heads, default), mha (Llama, 4 / 4), qwen2 (4 / 2, qkv bias), "
+                           "qwen3 (4 / 2, q/k norms, head_dim 32) or mistral (8 / 2)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_make_tiny_model)
 

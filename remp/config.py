@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from remp.models.registry import ARCHITECTURES
+
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 class ModelError(ValueError):
@@ -21,7 +23,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a dense Llama-family decoder, as the engine needs it."""
+    """The shape of a dense decoder (Llama, Mistral, Qwen2, Qwen3), as the engine needs it."""
 
     path: str
     architecture: str
@@ -52,6 +54,9 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelError(f"unsupported architecture {arch or hf.model_type!r}; remp serves "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        if "sliding_attention" in (getattr(hf, "layer_types", None) or ()):
+            raise ModelError(f"{arch} with sliding-window attention layers is not supported; remp serves "
+                             f"full attention only (use_sliding_window must be false)")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         eos = hf.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))

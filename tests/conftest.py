@@ -15,3 +15,9 @@ def tiny_gqa(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", variant="qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> str:
+    """Qwen3: per-head q/k norms, head_dim 32 (not hidden / heads), 4 query / 2 KV heads."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", variant="qwen3"))

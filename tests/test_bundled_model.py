@@ -16,7 +16,7 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def bundled():
-    from remp.models.bundled import bundled_model_dir
+    from remp.weights.bundled import bundled_model_dir
 
     try:
         return str(bundled_model_dir())

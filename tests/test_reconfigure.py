@@ -183,15 +183,20 @@ def test_shards_are_views_of_the_mapped_checkpoint(engine):
 def test_pipeline_change_converts_only_the_new_stage(tiny_gqa):
     """Served in another dtype, shards are converted copies; tp1pp1 -> tp1pp2 keeps rank 0's
     tensors and converts only rank 1's (layers 2-3, norm, LM head)."""
+    from remp.models.registry import model_class
+    from remp.parallel.context import ParallelContext
+    from remp.weights.loader import load_weights
     from remp.weights.store import WeightStore
 
     eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=2, max_model_len=128, block_size=4,
                                  dtype="bfloat16"))
     try:
         result = eng.reconfigure(Topology(1, 2), lambda outs: None)
-        stage1 = WeightStore(tiny_gqa).shard(eng.model_config, Topology(1, 2), 1, torch.bfloat16)
+        cfg = eng.model_config
+        stage1 = model_class(cfg.architecture)(cfg, ParallelContext(Topology(1, 2), 1), cfg.hf_config())
+        load_weights(stage1, WeightStore(tiny_gqa), torch.bfloat16, torch.device("cpu"))
         assert result.outcome == "committed"
-        assert result.weight_bytes_loaded == sum(w.numel() * w.element_size() for w in stage1.values())
+        assert result.weight_bytes_loaded == sum(w.numel() * w.element_size() for w in stage1.parameters())
     finally:
         eng.shutdown()
 
@@ -209,7 +214,7 @@ def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):
         executor._broadcast(step, ranks=[1])
         executor.prepare(Topology(1, 1), num_blocks=8, block_size=4)
         answers = executor.answers("prepared", timeout_s=30)
-        assert [answers[r]["standby"] for r in (0, 1)] == [False, True]
+        assert [answers[r].standby for r in (0, 1)] == [False, True]
         executor._broadcast(step, ranks=[0])
         executor.in_flight.append(step.step_id)
         token = executor.next_result(timeout_s=30).token_ids
@@ -267,11 +272,11 @@ def test_the_pause_uses_the_buffers_the_precopy_set_aside(tiny_gqa, room):
         before = executor.kv_digests(blocks)[0]
         executor.prepare(target, num_blocks=16, block_size=4)
         wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
-        executor.precopy(wire, blocks[:8], filling=blocks[8:], room=room)
+        executor.precopy(wire, blocks[:8], filling=blocks[8:], pause_blocks=room)
         executor.answers("prepared", timeout_s=30)
         executor.answers("precopied", timeout_s=30)
         executor.start_commit(1, wire, blocks[8:], blocks[8:])
-        allocated = sum(info["allocated_bytes"] for info in executor.finish_commit(target, timeout_s=30).values())
+        allocated = sum(answer.allocated_bytes for answer in executor.finish_commit(target, timeout_s=30).values())
         after = executor.kv_digests(blocks)
     finally:
         executor.shutdown()

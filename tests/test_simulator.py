@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 from test_policy import INPUT_LEN, OUTPUT_LEN, load, synthetic_layout, synthetic_profile
 
-from remp.bench.serve import RequestRecord
+from remp.bench.metrics import RequestRecord
 from remp.bench.workload import WorkItem, parse_rate_schedule, schedule_arrivals
 from remp.cli import main
 from remp.policy.policy import Decision, Policy, predict
@@ -145,3 +147,13 @@ def test_simulate_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--analytic", "llama-7b-4xl4", "--rate-schedule", "1:10", "--layout", "tp8pp1"])
     assert exit_info.value.code == 2 and "not in the profile" in capsys.readouterr().err
+
+
+def test_the_simulator_needs_none_of_the_servers_dependencies():
+    """`remp simulate` runs where only the standard library is installed: the simulator, its
+    workloads and metrics import no HTTP client, tokenizer, numpy or torch. In a fresh
+    interpreter, since this test session has imported all of them already."""
+    code = ("import sys, remp.sim.simulator, remp.bench.metrics, remp.bench.workload, remp.engine.admission; "
+            "print([m for m in ('aiohttp', 'transformers', 'numpy', 'torch') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

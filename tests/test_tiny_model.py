@@ -102,4 +102,4 @@ def test_tokenizer_roundtrip_and_chat_template(gqa_dir: Path) -> None:
 
 def test_unknown_variant_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown tiny model variant"):
-        make_tiny_model(tmp_path, "mistral")
+        make_tiny_model(tmp_path, "gpt2")

@@ -13,10 +13,7 @@ from remp.engine.sampling import SamplingParams, sample_row
 from remp.engine.scheduler import Scheduler, Sequence, SeqStatus
 from remp.kv.blocks import BlockManager, OutOfBlocks
 from remp.topology import Topology, TopologyError, split_range
-from remp.weights.store import WeightStore
-from remp.worker.worker import background_pool, use_threads
-
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]
+from remp.worker.threads import background_pool, use_threads
 
 
 @pytest.fixture(scope="module")
@@ -64,31 +61,6 @@ def test_kv_head_divisibility_rule():
     Topology(12, 1).validate(m, 12)
     with pytest.raises(TopologyError, match="divide or be a multiple"):
         Topology(6, 1).validate(dataclasses.replace(m, num_kv_heads=4), 8)
-
-
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_shards_reassemble_the_checkpoint(tiny_gqa, cfg, tp, pp):
-    store, topo = WeightStore(tiny_gqa), Topology(tp, pp)
-    shards = [store.shard(cfg, topo, r, torch.float32) for r in range(topo.world_size)]
-    hd = cfg.head_dim
-    for layer in range(cfg.num_layers):
-        stage = topo.stage_of(layer, cfg.num_layers)
-        ranks = topo.tp_group_ranks(stage)
-        q = torch.cat([shards[r][f"{layer}.q"] for r in ranks])
-        assert torch.equal(q, store.full(f"model.layers.{layer}.self_attn.q_proj.weight"))
-        down = torch.cat([shards[r][f"{layer}.down"] for r in ranks], dim=1)
-        assert torch.equal(down, store.full(f"model.layers.{layer}.mlp.down_proj.weight"))
-        for i, r in enumerate(ranks):  # k/v: the rank's KV heads, replicated when tp > kv heads
-            kv = topo.kv_heads_of(i, cfg.num_kv_heads)
-            k = store.full(f"model.layers.{layer}.self_attn.k_proj.weight")[kv.start * hd:kv.stop * hd]
-            assert torch.equal(shards[r][f"{layer}.k"], k)
-        assert all(f"{layer}.q" not in shards[r] for r in range(topo.world_size) if r not in ranks)
-    # Every shard tensor is a view of the mapped file (no copy), except LM-head/embedding rows
-    # padded past the vocabulary.
-    padded = {"embed", "lm_head"} if cfg.vocab_size % tp else set()
-    assert all(store.maps(w) for s in shards for k, w in s.items() if k not in padded)
-    head = torch.cat([shards[topo.rank(pp - 1, t)]["lm_head"] for t in range(tp)])[:cfg.vocab_size]
-    assert torch.equal(head, store.full("lm_head.weight"))
 
 
 def test_block_manager():
@@ -265,3 +237,199 @@ def test_every_tensor_parallel_group_of_a_pool_is_formed_with_the_world():
             topo = Topology(tp, pp)
             assert all(tuple(topo.tp_group_ranks(stage)) in sets for stage in range(pp))
     assert {s for s in sets if len(s) > 1} == {(0, 1), (2, 3), (0, 1, 2), (0, 1, 2, 3)}
+
+
+def _switch_host(sched: Scheduler, block_size: int):
+    """An LLMEngine around `sched` alone (no workers, no model): enough for the methods a layout
+    switch asks of the engine about requests and KV blocks."""
+    from types import SimpleNamespace
+
+    from remp.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.__new__(LLMEngine)
+    engine.config = SimpleNamespace(block_size=block_size)
+    engine.scheduler = sched
+    return engine
+
+
+def _run_prompts(sched: Scheduler, *seqs: Sequence) -> None:
+    for s in seqs:
+        sched.add(s)
+    for x in sched.schedule(1):
+        sched.step_done(x)
+
+
+def test_the_engine_names_the_kv_blocks_a_switch_copies_and_moves():
+    """Full blocks (below the target's count) with their hand-out counts are pre-copied; the
+    filling ones, and a full one freed and handed out again since, are stale at the pause."""
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    engine = _switch_host(sched, 4)
+    a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
+    _run_prompts(sched, a, b, c)  # a: blocks 0 1 | 2, b: 3 |, c: 4 | 5 (full | filling)
+    assert engine.num_running() == 3 and engine.num_live_kv_blocks() == 6 and engine.num_kv_blocks == 16
+    assert engine.live_kv_blocks() == [0, 1, 2, 3, 4, 5]
+    copied = engine.full_kv_blocks(below=4)
+    assert copied == {0: 1, 1: 1, 3: 1}
+    assert engine.filling_kv_blocks() == [2, 5]
+    assert engine.stale_kv_blocks(engine.live_kv_blocks(), copied) == [2, 4, 5]
+    sched.finish(b, "stop")  # block 3 goes to d: its pre-copy no longer holds d's KV
+    a.output_token_ids.append(1)
+    c.output_token_ids.append(1)
+    _run_prompts(sched, _seq(3, 3))
+    assert engine.live_kv_blocks() == [0, 1, 2, 3, 4, 5]
+    assert engine.stale_kv_blocks(engine.live_kv_blocks(), copied) == [2, 3, 4, 5]
+
+
+def test_the_engine_adopts_a_smaller_block_pool_with_renumbered_tables():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    engine = _switch_host(sched, 4)
+    a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
+    _run_prompts(sched, a, b, c)
+    sched.finish(a, "stop")  # live: b 3, c 4 5
+    engine.adopt_kv_blocks(4, {3: 3, 4: 0, 5: 1})
+    assert (b.block_ids, c.block_ids) == ([3], [0, 1])
+    assert engine.num_kv_blocks == 4 and engine.live_kv_blocks() == [0, 1, 3]
+    assert sched.blocks.num_free == 1 and sched.blocks.allocate(1) == [2]
+    assert sched.blocks.handouts(3) == 0  # a fresh pool: no pre-copy refers to it
+
+
+def test_the_engine_preempts_the_newest_requests_to_fit_a_smaller_pool():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    engine = _switch_host(sched, 4)
+    a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
+    _run_prompts(sched, a, b, c)
+    assert engine.preempt_to_fit(6) == []
+    assert engine.preempt_to_fit(3) == ["r2", "r1"]
+    assert engine.num_running() == 1 and engine.num_live_kv_blocks() == 3
+    assert b.status is SeqStatus.WAITING and c.status is SeqStatus.WAITING
+
+
+def test_the_engine_pauses_and_resumes_admission():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    engine = _switch_host(sched, 4)
+    engine.pause_admission()
+    sched.add(_seq(0, 3))
+    assert sched.schedule(1) == [] and engine.num_running() == 0
+    engine.resume_admission()
+    assert len(sched.schedule(1)) == 1 and engine.num_running() == 1
+
+
+def test_the_switch_reaches_the_engine_only_through_its_host_protocol():
+    """Every member of SwitchHost exists on LLMEngine, and the transaction names neither the
+    engine's module nor its scheduler."""
+    import inspect
+
+    import remp.reconfig.transaction as transaction
+    from remp.engine.llm_engine import LLMEngine
+    from remp.reconfig.host import SwitchHost
+
+    members = [n for n, v in vars(SwitchHost).items() if callable(v) or isinstance(v, property)]
+    members = [n for n in members if not n.startswith("_")]
+    assert {"adopt_kv_blocks", "drain", "recover", "stale_kv_blocks", "topology"} <= set(members)
+    for name in members:
+        assert isinstance(getattr(LLMEngine, name), type(vars(SwitchHost)[name])), name
+    init = inspect.getsource(LLMEngine.__init__)
+    assert all(f"self.{name} = " in init for name in SwitchHost.__annotations__)
+    source = inspect.getsource(transaction)
+    assert "llm_engine" not in source and "scheduler." not in source and "LLMEngine" not in source
+
+
+REPLIES = [
+    pytest.param(lambda m: m.Started(rank=0, pid=4242), id="Started"),
+    pytest.param(lambda m: m.Prepared(rank=1, switch=3, standby=False, weight_bytes=1024,
+                                      build=m.BuildTimes(groups=0.001, shard=0.5, model=0.25, kv=0.125)),
+                 id="Prepared"),
+    pytest.param(lambda m: m.Prepared(rank=2, switch=3, standby=True), id="Prepared-standby"),
+    pytest.param(lambda m: m.Precopied(rank=1, switch=3), id="Precopied"),
+    pytest.param(lambda m: m.Committed(rank=1, switch=3, migrate_s=0.004, allocated_bytes=0), id="Committed"),
+    pytest.param(lambda m: m.Aborted(rank=3), id="Aborted"),
+    pytest.param(lambda m: m.Reformed(rank=0, formation=2), id="Reformed"),
+    pytest.param(lambda m: m.Left(rank=0, formation=2), id="Left"),
+    pytest.param(lambda m: m.Digest(rank=1, digests={"0/1/2": "ab12"}), id="Digest"),
+    pytest.param(lambda m: m.WorkerFailed(rank=1, message="CommitCommand: RuntimeError: lost peer",
+                                          traceback="Traceback ...", formation=2, switch=3), id="WorkerFailed"),
+    pytest.param(lambda m: m.WorkerFailed(rank=1, message="RuntimeError: no model", traceback="Traceback ..."),
+                 id="WorkerFailed-start-up"),
+    pytest.param(lambda m: m.Heartbeat(rank=2, t=12.5, pid=4242), id="Heartbeat"),
+]
+
+
+@pytest.mark.parametrize("make", REPLIES)
+def test_every_worker_reply_type_survives_the_wire(make):
+    """Each reply travels as JSON tagged with its type and comes back equal, nested build times
+    included; its kind names it in the executor's API."""
+    import json
+
+    from remp.executor import messages
+
+    reply = make(messages)
+    data = messages.encode(reply)
+    assert json.loads(data)["t"] == type(reply).__name__
+    back = messages.decode(data)
+    assert type(back) is type(reply) and back == reply
+    assert back.kind and "kind" not in json.loads(data)["b"]
+
+
+def test_the_reply_kinds_are_distinct():
+    from remp.executor import messages
+
+    kinds = [cls.kind for cls in (messages.Started, messages.Prepared, messages.Precopied, messages.Committed,
+                                  messages.Aborted, messages.Reformed, messages.Left, messages.Digest,
+                                  messages.WorkerFailed, messages.Heartbeat)]
+    assert len(set(kinds)) == len(kinds)
+
+
+@pytest.mark.parametrize("data,error", [
+    (b'{"t":"WorkerReply","b":{"rank":0,"kind":"started","message":"","info":{}}}',
+     "unknown message type 'WorkerReply'"),
+    (b'{"t":"Popen","b":{}}', "unknown message type 'Popen'"),
+    (b'{"t":["Started"],"b":{}}', "unknown message type"),
+    (b'{"t":"Started","b":{"rank":0}}', "malformed Started"),
+    (b'{"t":"Aborted","b":{"rank":0,"extra":1}}', "malformed Aborted"),
+    (b'[1, 2]', "not a message"),
+    (b'not json', "not a message"),
+])
+def test_decode_rejects_what_is_not_a_message_of_the_protocol(data, error):
+    from remp.executor.messages import MessageError, decode
+
+    with pytest.raises(MessageError, match=error):
+        decode(data)
+
+
+def test_a_precopy_command_names_the_blocks_its_pause_will_move():
+    from remp.executor.messages import PrecopyCommand, decode, encode
+
+    cmd = PrecopyCommand(transfers=[[0, 0, 1, 0, 0, 1]], blocks=[0, 1], switch_id=4, filling=[2], pause_blocks=3)
+    assert decode(encode(cmd)) == cmd and decode(encode(cmd)).pause_blocks == 3
+
+
+def test_a_commit_is_undone_by_an_abort_and_kept_by_a_confirm():
+    """What a commit replaced (layout, loaded flag, thread count) is kept until the Confirm; an
+    Abort before then goes back to it. The replies carry the command's switch."""
+    from remp.executor.messages import Aborted, CommitCommand, Committed
+    from remp.worker.worker import LayoutState, Worker
+
+    worker = Worker.__new__(Worker)  # no model, no world: a commit with no KV to move needs neither
+    worker.rank, worker.loaded, worker.previous, worker.pause_buffer, worker._pending_sends = 1, True, None, None, []
+    old, new = LayoutState(Topology(1, 1), None, None), LayoutState(Topology(2, 1), None, None)
+    before = torch.get_num_threads()
+    try:
+        use_threads(1)
+        worker.layout, worker.target = old, new
+        answer = worker.commit(CommitCommand(threads=2, switch_id=7))
+        assert isinstance(answer, Committed) and (answer.rank, answer.switch, answer.allocated_bytes) == (1, 7, 0)
+        assert worker.layout is new and worker.topo == Topology(2, 1) and worker.target is None
+        assert torch.get_num_threads() == 2
+        assert worker.abort() == Aborted(rank=1)
+        assert worker.layout is old and worker.loaded and worker.previous is None
+        assert torch.get_num_threads() == 1
+        worker.target = new
+        worker.commit(CommitCommand(threads=2, switch_id=8))
+        worker.confirm()
+        worker.abort()
+        assert worker.layout is new and torch.get_num_threads() == 2
+        worker.target, worker.loaded = None, False
+        worker.commit(CommitCommand(threads=1, switch_id=9))  # no target: standby
+        assert worker.layout is None and worker.model is None and worker.kv is None and worker.loaded
+    finally:
+        use_threads(before)

@@ -1,4 +1,5 @@
-"""Tests for remp.bench.workload (traces, rate schedules) and goodput; no server involved."""
+"""Tests for remp.bench.workload (traces, rate schedules), latency statistics and goodput; no
+server involved."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from remp.bench.metrics import LatencyStats, percentile
 from remp.bench.serve import (
     BenchConfig,
     BenchError,
@@ -197,6 +199,20 @@ def test_goodput_counts_requests_within_every_slo_like_vllm() -> None:
     assert meets_slos(records[0], {"e2el": 300.0}) and not meets_slos(records[0], {"e2el": 299.0})
     plain = compute_metrics(records, duration_s=2.0)
     assert plain.request_goodput is None and plain.slo_attainment is None
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 11, 99, 100, 101, 1000, 4097])
+def test_latency_stats_are_numpys(n: int) -> None:
+    """The stdlib statistics give what numpy gives: percentiles and medians to the bit, means
+    and standard deviations to rounding (summed exactly here, pairwise by numpy)."""
+    seconds = np.random.default_rng(n).lognormal(-3.0, 1.0, size=n).tolist()
+    stats = LatencyStats.of(seconds)
+    ms = np.asarray(seconds) * 1000.0
+    assert stats.median_ms == float(np.median(ms))
+    assert (stats.p90_ms, stats.p99_ms) == (float(np.percentile(ms, 90)), float(np.percentile(ms, 99)))
+    assert stats.mean_ms == pytest.approx(float(np.mean(ms)), rel=1e-13)
+    assert stats.std_ms == pytest.approx(float(np.std(ms)), rel=1e-12)
+    assert percentile(sorted(seconds), 50) == float(np.percentile(seconds, 50))
 
 
 def test_goodput_options_parse_and_validate() -> None:

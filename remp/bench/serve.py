@@ -16,6 +16,8 @@ recorded trace (Azure LLM inference trace, BurstGPT, JSONL) and
 ``--rate-schedule`` follows a piecewise-constant or day-shaped rate; see
 ``remp.bench.workload``.  ``--goodput`` / ``--slo-ttft-ms`` / ``--slo-tpot-ms``
 add vLLM's goodput: requests per second that met every latency objective.
+What each request records and how runs are aggregated is ``remp.bench.metrics``,
+which the simulator shares.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -38,6 +40,14 @@ import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from remp.bench.metrics import (  # re-exported: the benchmark's users import them from here
+    GOODPUT_METRICS,
+    LatencyStats,
+    Metrics,
+    RequestRecord,
+    compute_metrics,
+    meets_slos,
+)
 from remp.bench.workload import (
     WorkItem,
     draw_lengths,
@@ -55,7 +65,6 @@ ENDPOINTS = (COMPLETIONS, CHAT_COMPLETIONS)
 REQUEST_TIMEOUT_S = 6 * 60 * 60
 
 _LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
-GOODPUT_METRICS = ("ttft", "tpot", "e2el")  # the SLOs vLLM's --goodput accepts, in ms
 DEFAULT_NUM_PROMPTS = 1000  # requests of a random-dataset run when --num-prompts is not given
 
 
@@ -100,68 +109,6 @@ class SampleRequest:
 
     prompt_ids: list[int]
     output_len: int
-
-
-@dataclass
-class RequestRecord:
-    """What one streamed request measured.  Times are seconds from sending it."""
-
-    prompt_len: int  # usage.prompt_tokens when the server reports it, else tokens sent
-    success: bool = False
-    error: str = ""
-    ttft: float = 0.0  # arrival of the first chunk carrying generated text
-    itl: list[float] = field(default_factory=list)  # gaps between later text chunks
-    latency: float = 0.0  # arrival of the last text chunk
-    output_tokens: int = 0  # usage.completion_tokens, else the number of text chunks
-    generated_text: str = ""
-    start_offset: float = 0.0  # when it was sent, seconds after the start of the run
-
-
-@dataclass
-class LatencyStats:
-    """Summary of one latency distribution, in milliseconds."""
-
-    mean_ms: float
-    median_ms: float
-    std_ms: float
-    p90_ms: float
-    p99_ms: float
-
-    @classmethod
-    def of(cls, seconds: Sequence[float]) -> LatencyStats:
-        """Summarise ``seconds``; an empty sample (e.g. every request failed) gives zeros."""
-        if not seconds:
-            return cls(0.0, 0.0, 0.0, 0.0, 0.0)
-        ms = np.asarray(seconds, dtype=np.float64) * 1000.0
-        return cls(
-            mean_ms=float(np.mean(ms)),
-            median_ms=float(np.median(ms)),
-            std_ms=float(np.std(ms)),
-            p90_ms=float(np.percentile(ms, 90)),
-            p99_ms=float(np.percentile(ms, 99)),
-        )
-
-
-@dataclass
-class Metrics:
-    """Aggregates over a run; token counts and latencies cover successful requests only."""
-
-    completed: int
-    failed: int
-    duration_s: float
-    total_input_tokens: int
-    total_output_tokens: int
-    request_throughput: float  # successful requests per second
-    output_throughput: float  # generated tokens per second
-    total_token_throughput: float  # (input + generated) tokens per second
-    ttft: LatencyStats
-    tpot: LatencyStats  # (e2e - ttft) / (output_tokens - 1), requests with > 1 token
-    itl: LatencyStats  # every chunk gap of every request, pooled
-    e2el: LatencyStats
-    # With SLOs (--goodput): requests per second that met all of them, and the
-    # share of all requests (failed ones included) that did; None without SLOs.
-    request_goodput: float | None = None
-    slo_attainment: float | None = None
 
 
 @dataclass
@@ -294,55 +241,6 @@ def _sampleable_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     if not ids:
         raise BenchError("the tokenizer has no ordinary (non-special) tokens to build prompts from")
     return np.asarray(ids, dtype=np.int64)
-
-
-def _tpot(record: RequestRecord) -> float | None:
-    """Time per output token after the first; None for a request with a single token."""
-    if record.output_tokens <= 1:
-        return None
-    return (record.latency - record.ttft) / (record.output_tokens - 1)
-
-
-def meets_slos(record: RequestRecord, slos_ms: Mapping[str, float]) -> bool:
-    """Whether ``record`` succeeded within every SLO, as vLLM's goodput counts it.
-
-    Keys are GOODPUT_METRICS, values milliseconds; a request of one token has
-    no TPOT and vLLM counts it as 0, so it always meets a TPOT objective.
-    """
-    if not record.success:
-        return False
-    measured = {"ttft": record.ttft, "tpot": _tpot(record) or 0.0, "e2el": record.latency}
-    return all(measured[name] <= slo / 1000.0 for name, slo in slos_ms.items())
-
-
-def compute_metrics(
-    records: Sequence[RequestRecord], duration_s: float, slos_ms: Mapping[str, float] | None = None
-) -> Metrics:
-    """Aggregate per-request records the way vLLM's ``calculate_metrics`` does.
-
-    ``slos_ms`` (``{"ttft": 500, "tpot": 50}``) adds goodput, like vLLM's ``--goodput``.
-    """
-    ok = [r for r in records if r.success]
-    total_input = sum(r.prompt_len for r in ok)
-    total_output = sum(r.output_tokens for r in ok)
-    tpots = [t for t in map(_tpot, ok) if t is not None]
-    good = sum(meets_slos(r, slos_ms) for r in ok) if slos_ms else None
-    return Metrics(
-        completed=len(ok),
-        failed=len(records) - len(ok),
-        duration_s=duration_s,
-        total_input_tokens=total_input,
-        total_output_tokens=total_output,
-        request_throughput=len(ok) / duration_s,
-        output_throughput=total_output / duration_s,
-        total_token_throughput=(total_input + total_output) / duration_s,
-        ttft=LatencyStats.of([r.ttft for r in ok]),
-        tpot=LatencyStats.of(tpots),
-        itl=LatencyStats.of([gap for r in ok for gap in r.itl]),
-        e2el=LatencyStats.of([r.latency for r in ok]),
-        request_goodput=None if good is None else good / duration_s,
-        slo_attainment=None if good is None else good / len(records),
-    )
 
 
 def parse_goodput(items: Sequence[str]) -> dict[str, float]:

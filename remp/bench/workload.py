@@ -6,7 +6,9 @@ module turns either a recorded trace (Azure LLM inference trace, BurstGPT, or a
 plain JSONL file) or a piecewise-constant rate schedule into a list of
 ``WorkItem``s — when each request arrives and how long its prompt and output
 are.  It is pure (no server, no tokenizer), so a simulator can consume the very
-same workloads that ``remp bench serve`` sends.
+same workloads that ``remp bench serve`` sends.  numpy is imported only by the
+functions that draw random numbers, so reading traces and the ``WorkItem`` type
+need nothing beyond the standard library.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 SAMPLE_TRACE = "azure_llm_2023_conv_10min.csv"
 
@@ -315,6 +318,8 @@ def schedule_arrivals(
     then gets on average ``rate * seconds`` arrivals, the burstiness carries
     across segment boundaries without a restart, and zero-rate segments stay idle.
     """
+    import numpy as np
+
     _check_schedule(schedule)
     _check_positive(burstiness=burstiness)
     rates = np.array([rate for rate, _ in schedule], dtype=np.float64)

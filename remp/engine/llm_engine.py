@@ -234,6 +234,73 @@ class LLMEngine:
                              logprobs=list(seq.logprobs) if p.logprobs is not None else None, metrics=m,
                              num_preemptions=seq.num_preemptions)
 
+    def drain(self, on_outputs: Callable[[list[RequestOutput]], None]) -> None:
+        """Collect every step in flight, cut or not (submits nothing)."""
+        while self.executor.in_flight:
+            on_outputs(self.collect())
+
+    # what a layout switch asks of the engine (remp.reconfig.host.SwitchHost)
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.scheduler.blocks.num_blocks
+
+    def pause_admission(self) -> None:
+        """Admit no new prompt until `resume_admission`; running requests keep stepping. A switch
+        pauses it while it prepares: a prompt admitted then would make the switch wait for its
+        prefill (the longest step there is) and would move all its KV in the pause."""
+        self.scheduler.admitting = False
+
+    def resume_admission(self) -> None:
+        self.scheduler.admitting = True
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_live_kv_blocks(self) -> int:
+        """How many KV blocks the running requests hold."""
+        return sum(len(seq.block_ids) for seq in self.scheduler.running)
+
+    def live_kv_blocks(self) -> list[int]:
+        """The KV blocks the running requests hold, ascending."""
+        return sorted(b for seq in self.scheduler.running for b in seq.block_ids)
+
+    def full_kv_blocks(self, below: int) -> dict[int, int]:
+        """Every full KV block of the running requests with an id below `below`, with its hand-out
+        count now: what a switch pre-copies. Steps in flight write only past `num_computed`, so
+        none of these is written again unless it is freed and handed out anew, which its hand-out
+        count then shows (`stale_kv_blocks`)."""
+        bs = self.config.block_size
+        blocks = self.scheduler.blocks
+        return {b: blocks.handouts(b) for seq in self.scheduler.running
+                for b in seq.block_ids[:seq.num_computed // bs] if b < below}
+
+    def filling_kv_blocks(self) -> list[int]:
+        """The KV blocks of the running requests not full yet: the last of each request, and any
+        a step in flight has taken."""
+        bs = self.config.block_size
+        return [b for seq in self.scheduler.running for b in seq.block_ids[seq.num_computed // bs:]]
+
+    def stale_kv_blocks(self, blocks: list[int], copied: dict[int, int]) -> list[int]:
+        """Of `blocks`, those whose bytes a copy taken at `copied` (block -> hand-out count, from
+        `full_kv_blocks`) may not hold: never copied, or handed out again since."""
+        handouts = self.scheduler.blocks.handouts
+        return [b for b in blocks if copied.get(b) != handouts(b)]
+
+    def preempt_to_fit(self, num_blocks: int) -> list[str]:
+        """Preempt the newest running requests until the live KV blocks fit in `num_blocks` (they
+        recompute later); returns their request ids. No step may be in flight."""
+        return self.scheduler.shrink_to(num_blocks)
+
+    def adopt_kv_blocks(self, num_blocks: int, renumber: dict[int, int]) -> None:
+        """Take a KV block pool of `num_blocks` (the workers' cache after a switch) in which live
+        block b is renumber[b]: the running requests' block tables follow, the rest is free, and
+        hand-out counts start over. No step may be in flight."""
+        running = self.scheduler.running
+        for seq in running:
+            seq.block_ids = [renumber[b] for b in seq.block_ids]
+        self.scheduler.blocks = BlockManager(num_blocks, self.config.block_size,
+                                             used=[b for seq in running for b in seq.block_ids])
+
     def reconfigure(self, target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
                     requested_at: float | None = None) -> ReconfigResult:
         """Switch the layout live (see remp.reconfig.transaction); steps may be in flight.
@@ -254,8 +321,7 @@ class LLMEngine:
         if any(topo.coords(r) is not None for r in failed):
             preempted = self._drop_kv()
         else:
-            while executor.in_flight:
-                on_outputs(self.collect())
+            self.drain(on_outputs)
         replaced: set[int] = set()
         for attempt in range(1, MAX_RECOVERY_ATTEMPTS + 1):
             try:

@@ -3,9 +3,10 @@
 Every step takes the running sequences that are not already in the pipeline (one token
 each) and then admits waiting sequences (their whole prompt) while the token budget, the
 sequence limit and free blocks allow, so prefill and decode share a step. When a running
-sequence needs a block and none is free, the newest running sequence is preempted by
-recompute: its blocks are freed and it rejoins the front of the queue with its tokens so
-far, to be prefilled again later. With pipeline parallelism the ready sequences are split
+sequence needs a block and none is free, the newest running sequence not in flight is
+preempted by recompute: its blocks are freed and it rejoins the front of the queue with its
+tokens so far, to be prefilled again later. Those rules live in `remp.engine.admission`,
+which the simulator follows too. With pipeline parallelism the ready sequences are split
 across the free pipeline slots so micro-batches of similar size keep every stage busy.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from remp.engine.admission import admit, make_room, requeue, shrink
 from remp.engine.outputs import RequestMetrics
 from remp.engine.sampling import SamplingParams
 from remp.kv.blocks import BlockManager
@@ -80,48 +82,33 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, free_slots: int) -> list[ScheduledSeq]:
-        """Choose the next micro-batch; `free_slots` is how many more steps the pipeline takes."""
+        """Choose the next micro-batch; `free_slots` is how many more steps the pipeline takes.
+        A chosen sequence is in flight from the moment it is chosen, so making room for a later
+        one never preempts it."""
         ready = [s for s in self.running if not s.in_flight]
         limit = math.ceil(len(ready) / free_slots) if ready else 0
         budget = self.max_num_batched_tokens
+        blocks = self.blocks
         chosen: list[ScheduledSeq] = []
         for seq in ready[:limit]:
             if seq.status is not SeqStatus.RUNNING:  # preempted below to make room for an older one
                 continue
-            if not self._reserve(seq, seq.num_tokens, chosen):
-                continue
+            need = blocks.blocks_needed(seq.num_tokens) - len(seq.block_ids)
+            if need > 0:
+                if need > blocks.num_free and not make_room(seq, need, blocks, self.running, self.preempt):
+                    continue
+                seq.block_ids += blocks.allocate(need)
+            seq.in_flight = True
             # The last token, or the whole prompt again when its prefill was cut (see step_done).
             chosen.append(ScheduledSeq(seq, seq.num_computed, seq.token_ids_from(seq.num_computed)))
             budget -= seq.num_tokens - seq.num_computed
-        while self.admitting and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = seq.num_tokens
-            if n > budget or not self.blocks.can_allocate(self.blocks.blocks_needed(n)):
-                break
-            self.waiting.popleft()
-            seq.block_ids = self.blocks.allocate(self.blocks.blocks_needed(n))
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            chosen.append(ScheduledSeq(seq, 0, seq.token_ids_from(0)))
-            budget -= n
-        for item in chosen:
-            item.seq.in_flight = True
+        if self.admitting and self.waiting:
+            for seq, need in admit(self.waiting, self.running, self.max_num_seqs, budget, blocks):
+                seq.block_ids = blocks.allocate(need)
+                seq.status = SeqStatus.RUNNING
+                seq.in_flight = True
+                chosen.append(ScheduledSeq(seq, 0, seq.token_ids_from(0)))
         return chosen
-
-    def _reserve(self, seq: Sequence, num_tokens: int, chosen: list[ScheduledSeq]) -> bool:
-        """Give `seq` blocks for `num_tokens`, preempting newer sequences if needed.
-        False if `seq` itself had to be preempted."""
-        need = self.blocks.blocks_needed(num_tokens) - len(seq.block_ids)
-        taken = {c.seq for c in chosen}
-        while need > self.blocks.num_free:
-            victims = [s for s in reversed(self.running) if not s.in_flight and s not in taken]
-            victim = victims[0] if victims else seq
-            self.preempt(victim)
-            if victim is seq:
-                return False
-        if need > 0:
-            seq.block_ids += self.blocks.allocate(need)
-        return True
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_ids)
@@ -130,18 +117,14 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        requeue(seq, self.running, self.waiting)
 
     def shrink_to(self, num_blocks: int) -> list[str]:
         """Preempt the newest running requests until the live blocks fit in `num_blocks` (a
         smaller cache after a layout switch); returns their request ids."""
-        preempted = []
-        while sum(len(s.block_ids) for s in self.running) > num_blocks:
-            victim = self.running[-1]
-            self.preempt(victim)
-            preempted.append(victim.request_id)
-        return preempted
+        running = self.running
+        victims = shrink(running, lambda: sum(len(s.block_ids) for s in running) <= num_blocks, self.preempt)
+        return [seq.request_id for seq in victims]
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence and free its blocks (at once unless a step still holds it)."""

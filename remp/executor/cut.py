@@ -1,7 +1,7 @@
 """Cut flags: how a layout switch stops the steps under way, with a store to memory.
 
 A switch that is ready for its pause cuts the steps in flight at their next check: after each
-attention and each MLP, and at tp=1 within them and the lm_head too (remp.model.llama;
+attention and each MLP, and at tp=1 within them and the lm_head too (remp.parallel.context;
 remp.reconfig.transaction, drain). The engine says so by writing, for each rank,
 the id of the last step to cut into one int64 of a small file in the executor's private
 directory, which the engine and every worker map: a worker reads its own slot at each check,
@@ -10,7 +10,7 @@ with no message to receive and no thread to wake on cores busy with the very ste
 Step ids only grow and are never reused, so a slot only grows too, and a value from an
 earlier switch cuts no later step. Whatever a reader sees is safe: a step is cut or runs to
 its end, and both are handled (a cut step runs again); tensor ranks of a stage that read at
-different moments agree through their all-reduce (remp.model.llama).
+different moments agree through their all-reduce (remp.parallel.context).
 """
 from __future__ import annotations
 

@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from remp.executor.cut import CutFlags
-from remp.executor.messages import (FAULT_ENV, AbortCommand, CommitCommand, ConfirmCommand,
-                                    DigestCommand, LeaveCommand, PrecopyCommand, PrepareCommand, ReformCommand, ShutdownCommand,
-                                    StepCommand, StepResult, WorkerReply, decode, encode)
+from remp.executor.messages import (FAULT_ENV, AbortCommand, Aborted, CommitCommand, Committed, ConfirmCommand,
+                                    Digest, DigestCommand, Heartbeat, LeaveCommand, Left, PrecopyCommand, Precopied,
+                                    PrepareCommand, Prepared, ReformCommand, Reformed, Reply, ShutdownCommand, Started,
+                                    StepCommand, StepResult, WorkerFailed, decode, encode)
 from remp.parallel.groups import RENDEZVOUS_TIMEOUT
 from remp.topology import Topology
 
@@ -61,7 +62,7 @@ class WorkerError(RuntimeError):
 class WorkerReportedError(WorkerError):
     """A worker is alive and reported that a command failed."""
 
-    def __init__(self, message: str, reply: WorkerReply):
+    def __init__(self, message: str, reply: WorkerFailed):
         super().__init__(message)
         self.reply = reply
 
@@ -102,7 +103,7 @@ class LocalExecutor:
         self.topology: Topology | None = None
         self.in_flight: deque[int] = deque()
         self._early: dict[int, StepResult] = {}
-        self._replies: dict[tuple[str, int], WorkerReply] = {}
+        self._replies: dict[tuple[str, int], Reply] = {}  # by (kind, rank)
         self._checked_at = 0.0  # when the pool was last checked for lost workers
         self._switch_id = 0  # of the switch under way; replies of older (or abandoned) ones are dropped
         self._formation = 0  # of the last world begun (Leave, then Reform); replies of older ones are dropped
@@ -147,12 +148,14 @@ class LocalExecutor:
         if not self._results.poll(timeout_ms):
             return None
         msg = decode(self._results.recv())
-        if isinstance(msg, WorkerReply) and (msg.info.get("switch", self._switch_id) != self._switch_id
-                                             or msg.info.get("formation", self._formation) != self._formation):
-            return None  # from a switch given up (its replies may trail the "aborted" ones) or an old world
-        if isinstance(msg, WorkerReply) and msg.kind == "started" and msg.info["pid"] != self.procs[msg.rank].pid:
+        # A reply that names its switch or its world (see remp.executor.messages) and is from a switch
+        # given up (its replies may trail the Aborted ones) or an old world is dropped.
+        switch, formation = getattr(msg, "switch", None), getattr(msg, "formation", None)
+        if switch not in (None, self._switch_id) or formation not in (None, self._formation):
+            return None
+        if isinstance(msg, Started) and msg.pid != self.procs[msg.rank].pid:
             return None  # from a process of this rank that died since (its replacement says so itself)
-        if isinstance(msg, WorkerReply) and msg.kind == "error":
+        if isinstance(msg, WorkerFailed):
             raise WorkerReportedError(f"worker {msg.rank} failed: {msg.message}", msg)
         return msg
 
@@ -186,17 +189,18 @@ class LocalExecutor:
 
     def _lost_members(self) -> tuple[list[int], list[int]]:
         """The watched ranks whose process exited, and those silent for hang_timeout_s (filed as
-        hung). A beat carries the time it was sent and none is dropped (see worker._heartbeat),
-        so a rank's last beat is known even when nobody read beats for a while: a standby
-        stopped while the steps run on is found as surely as a rank the steps wait for."""
+        hung). A beat carries the time it was sent and none is dropped (see
+        remp.worker.router._heartbeat), so a rank's last beat is known even when nobody read beats
+        for a while: a standby stopped while the steps run on is found as surely as a rank the steps
+        wait for."""
         self._checked_at = time.monotonic()
         while self._beats.poll(0):
             beat = decode(self._beats.recv())
-            if beat.info.get("pid", self.procs[beat.rank].pid) != self.procs[beat.rank].pid:
+            if not isinstance(beat, Heartbeat) or beat.pid != self.procs[beat.rank].pid:
                 continue  # a beat of a process of this rank that died since
-            self._last_beat[beat.rank] = max(self._last_beat[beat.rank], beat.info["t"])
+            self._last_beat[beat.rank] = max(self._last_beat[beat.rank], beat.t)
             if beat.rank not in self._lost:
-                self._beating.add(beat.rank)  # beating: from now on its silence counts, even before "started"
+                self._beating.add(beat.rank)  # beating: from now on its silence counts, even before Started
         dead = [r for r, p in enumerate(self.procs) if r not in self._lost and p is not None and p.poll() is not None]
         now = time.monotonic()
         silent = [r for r in sorted(self._beating - self._lost - set(dead))
@@ -223,7 +227,7 @@ class LocalExecutor:
             self._early[msg.step_id] = msg
             return
         self._replies[(msg.kind, msg.rank)] = msg
-        if msg.kind in ("started", "reformed"):
+        if isinstance(msg, (Started, Reformed)):
             self._last_beat[msg.rank] = max(self._last_beat[msg.rank], time.monotonic())
             self._beating.add(msg.rank)
 
@@ -236,7 +240,7 @@ class LocalExecutor:
         return all((kind, r) in self._replies for kind in kinds for r in ranks)
 
     def _wait_for(self, wanted: set[tuple[str, int]], timeout_s: float,
-                  raises: Callable[[WorkerReply], bool] | None = None) -> None:
+                  raises: Callable[[WorkerFailed], bool] | None = None) -> None:
         """File messages until every (kind, rank) in `wanted` has answered. A worker's error
         report raises — with `raises`, only one it picks (while a world forms, a survivor's late
         report of the step or switch a lost peer broke is passed over)."""
@@ -248,7 +252,7 @@ class LocalExecutor:
                 if raises is None or raises(exc.reply):
                     raise
 
-    def _wait_replies(self, kind: str, ranks: Iterable[int], timeout_s: float) -> dict[int, WorkerReply]:
+    def _wait_replies(self, kind: str, ranks: Iterable[int], timeout_s: float) -> dict[int, Reply]:
         ranks = list(ranks)
         self._wait_for({(kind, r) for r in ranks}, timeout_s)
         return {r: self._replies.pop((kind, r)) for r in ranks}
@@ -277,20 +281,22 @@ class LocalExecutor:
         # command order are all in by the time it ended; the builder thread's may trail, and
         # the new id tells them apart.
         self._replies = {key: msg for key, msg in self._replies.items()
-                         if key[0] not in ("prepared", "precopied", "committed")}
+                         if key[0] not in (Prepared.kind, Precopied.kind, Committed.kind)}
         self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size,
                                        switch_id=self._switch_id))
 
     def precopy(self, transfers: list[list[int]], blocks: list[int], filling: list[int] | None = None,
-                room: int = 0) -> None:
+                pause_blocks: int = 0) -> None:
         """Ask every pool worker to copy the KV of `blocks` (which keep their ids) into the
         prepared layout once it is built, and to get the pause ready for the `filling` blocks (at
-        most `room` in all; see PrecopyCommand); answers ("precopied") arrive while steps go on."""
-        self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id, filling or [], room))
+        most `pause_blocks` in all; see PrecopyCommand); the answers (Precopied) arrive while steps
+        go on."""
+        self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id, filling or [], pause_blocks))
 
-    def answers(self, kind: str, timeout_s: float) -> dict[int, dict]:
-        """Every pool worker's answer of `kind` (e.g. "prepared"), waiting for those not in yet."""
-        return {r: m.info for r, m in self._wait_replies(kind, range(self.pool_size), timeout_s).items()}
+    def answers(self, kind: str, timeout_s: float) -> dict[int, Reply]:
+        """Every pool worker's answer of `kind` (a reply type's `kind`, e.g. "prepared" for
+        Prepared), waiting for those not in yet."""
+        return self._wait_replies(kind, range(self.pool_size), timeout_s)
 
     def start_commit(self, threads: int, transfers: list[list[int]] | None = None, src_blocks: list[int] | None = None,
                      dst_blocks: list[int] | None = None) -> None:
@@ -299,11 +305,11 @@ class LocalExecutor:
         to it before, so it may go out with steps still in flight (cut ones, say)."""
         self._broadcast(CommitCommand(threads, self._switch_id, transfers or [], src_blocks or [], dst_blocks or []))
 
-    def finish_commit(self, topo: Topology, timeout_s: float) -> dict[int, dict]:
-        """Every worker's answer to the commit (with "migrate_s"). Once all have answered the
+    def finish_commit(self, topo: Topology, timeout_s: float) -> dict[int, Committed]:
+        """Every worker's answer to the commit. Once all have answered the
         switch is confirmed (no reply awaited); on a WorkerError before that, the workers that
         did switch go back on `abort` (or when re-formed)."""
-        answers = self.answers("committed", timeout_s)
+        answers = self.answers(Committed.kind, timeout_s)
         # Every worker has switched: the switch is done, whatever happens to one of them from now on
         # (a rank lost before its Confirm is found by the next check and replaced on `topo`).
         self.topology = topo
@@ -317,13 +323,13 @@ class LocalExecutor:
         already filed are forgotten by the next `prepare`."""
         self._switch_id += 1
         self._broadcast(AbortCommand())
-        self._wait_replies("aborted", range(self.pool_size), timeout_s)
+        self._wait_replies(Aborted.kind, range(self.pool_size), timeout_s)
 
     def load(self, topo: Topology, num_blocks: int, block_size: int, threads: int, timeout_s: float = 300.0) -> None:
         """Put an idle pool on `topo` (nothing live to carry over)."""
         assert not self.in_flight, "load() with steps in flight"
         self.prepare(topo, num_blocks, block_size)
-        self.answers("prepared", timeout_s)
+        self.answers(Prepared.kind, timeout_s)
         self.start_commit(threads)
         self.finish_commit(topo, timeout_s)
 
@@ -353,10 +359,11 @@ class LocalExecutor:
         for rank in fresh:
             self._spawn(rank, env)
         try:
-            self._wait_for({("started", r) for r in fresh}, timeout_s, raises=lambda reply: reply.rank in fresh)
+            self._wait_for({(Started.kind, r) for r in fresh}, timeout_s, raises=lambda reply: reply.rank in fresh)
         except WorkerError:
             # A fresh process that has not started by now is replaced too, whatever became of it.
-            self._hung.update(r for r in fresh if ("started", r) not in self._replies and self.procs[r].poll() is None)
+            self._hung.update(r for r in fresh
+                              if (Started.kind, r) not in self._replies and self.procs[r].poll() is None)
             raise
         members = sorted([*fresh, *survivors])
         deadline, failure, answered = time.monotonic() + timeout_s, None, set()
@@ -368,19 +375,18 @@ class LocalExecutor:
             try:
                 msg = self._poll(100)
             except WorkerReportedError as exc:
-                if exc.reply.info.get("formation") != self._formation:
+                if exc.reply.formation != self._formation:
                     continue  # a survivor's late report of what the lost peer broke
                 answered.add(exc.reply.rank)
                 if failure is None:
                     failure = str(exc)
                     log.warning("rank %d failed to join world %d: %s", exc.reply.rank, self._formation,
-                                exc.reply.info.get("traceback", "")[-1500:])
+                                exc.reply.traceback[-1500:])
                 deadline = min(deadline, time.monotonic() + SETTLE_S)
                 continue
-            if isinstance(msg, WorkerReply) and msg.kind == "reformed":
+            if isinstance(msg, Reformed):
                 answered.add(msg.rank)
-                self._take(msg)
-            elif msg is not None and not (isinstance(msg, WorkerReply) and msg.kind == "error"):
+            if msg is not None:
                 self._take(msg)
             dead, silent = self._lost_members()
             if dead or silent:
@@ -404,8 +410,8 @@ class LocalExecutor:
         now = time.monotonic()
         self.startup_s.extend(now - self._spawned_at[r] for r in fresh)
         for rank in members:
-            self._replies.pop(("started", rank), None)
-            self._replies.pop(("reformed", rank), None)
+            self._replies.pop((Started.kind, rank), None)
+            self._replies.pop((Reformed.kind, rank), None)
 
     def _leave(self, survivors: list[int]) -> None:
         """Have every survivor leave the broken world (LeaveCommand) before a new one forms. One
@@ -420,10 +426,10 @@ class LocalExecutor:
             try:
                 msg = self._poll(50)
             except WorkerReportedError as exc:
-                if exc.reply.info.get("formation") == self._formation:
+                if exc.reply.formation == self._formation:
                     left.add(exc.reply.rank)  # it failed to tear the old world down; the Reform will say more
                 continue
-            if isinstance(msg, WorkerReply) and msg.kind == "left":
+            if isinstance(msg, Left):
                 left.add(msg.rank)
             elif msg is not None:
                 self._take(msg)
@@ -467,7 +473,7 @@ class LocalExecutor:
     def kv_digests(self, blocks: list[int], timeout_s: float = 60.0) -> dict[int, dict[str, str]]:
         """Per rank, sha1 of each (layer, KV head, block) slice it holds."""
         self._broadcast(DigestCommand(blocks))
-        return self.answers("digest", timeout_s)
+        return {r: answer.digests for r, answer in self.answers(Digest.kind, timeout_s).items()}
 
     def cut(self) -> None:
         """Stop every step in flight at its next check (remp.executor.cut); each comes back cut

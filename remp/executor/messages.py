@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 # Test hook read by the workers (see remp.worker.worker.inject_fault); never set in production.
 FAULT_ENV = "REMP_FAULT_INJECT"
@@ -50,21 +51,21 @@ class PrepareCommand:
 @dataclass
 class PrecopyCommand:
     """Copy the KV of full blocks (which keep their ids) into the prepared layout, beside the
-    steps that keep coming; answers "precopied". Transfers as [layer, src_rank, dst_rank,
+    steps that keep coming; answered by Precopied. Transfers as [layer, src_rank, dst_rank,
     src_head, dst_head, num_heads]. The KV left for the pause travels in the CommitCommand.
 
     Also get the pause ready for the rest: `filling` are the live blocks still being written,
-    which the pause will move with about `room` blocks in all. Their places in the target cache
-    (those that keep their ids) are written once now and the pause's exchange buffers for `room`
-    blocks are set aside, so the pause touches no fresh memory (a first touch costs a page
-    fault, ~2 us per 4 KiB here: the send buffer, the receive buffer and the target's slices of
-    1.4 MiB of KV cost ~0.8 ms each, against ~0.3 ms for the copies themselves)."""
+    which the pause will move with about `pause_blocks` blocks in all. Their places in the target
+    cache (those that keep their ids) are written once now, and the pause's exchange buffer for
+    `pause_blocks` blocks is set aside, so the pause touches no fresh memory: a first touch costs
+    a page fault per page, and for the send buffer, the receive buffer and the target's slices
+    those faults cost more than the copies themselves."""
 
     transfers: list[list[int]]
     blocks: list[int]
     switch_id: int
     filling: list[int] = field(default_factory=list)
-    room: int = 0
+    pause_blocks: int = 0
 
 
 @dataclass
@@ -103,8 +104,8 @@ class DigestCommand:
 class LeaveCommand:
     """A worker was lost: leave the world it broke — let go of every group, so that their
     connections close and any peer still blocked in an exchange with this rank fails at once —
-    and answer "left" (info["formation"] = `formation`, the world about to form). A rank that
-    cannot answer promptly is stuck, and is replaced rather than waited for."""
+    and answer Left, tagged with `formation` (the world about to form). A rank that cannot answer
+    promptly is stuck, and is replaced rather than waited for."""
 
     formation: int
 
@@ -113,8 +114,8 @@ class LeaveCommand:
 class ReformCommand:
     """Join the world at `dist_init` (a fresh file store) and form every group there: the first
     command a started worker gets, and how survivors of a lost worker leave the world it broke
-    and meet a fresh process in its rank. Answered "reformed" (or "error"), with
-    info["formation"] = `formation`, so a failed rendezvous is told apart from stale reports."""
+    and meet a fresh process in its rank. Answered Reformed (or WorkerFailed), tagged with
+    `formation`, so a failed rendezvous is told apart from stale reports."""
 
     dist_init: str
     formation: int
@@ -134,37 +135,162 @@ class StepResult:
     cut: bool = False  # stopped by a layout switch (remp.executor.cut): no tokens, the step must run again
 
 
+# Replies: one type per kind of answer, each naming the rank that sent it. Those answering work
+# done beside the steps (Prepared, Precopied, and WorkerFailed for it) leave on a socket of their
+# own and may overtake or trail the others: they carry the switch they belong to. A reply that
+# carries `switch` or `formation` is dropped by the engine when that switch was given up or that
+# world re-formed. `kind` names the type in the executor's API (`answers("prepared")`).
+
+
 @dataclass
-class WorkerReply:
-    """Acknowledgement (ok) or failure report of one worker for one command."""
+class Started:
+    """The process is up (imports, config, weight store): it may be told to join a world."""
 
+    kind: ClassVar[str] = "started"
     rank: int
-    kind: str  # "started" | "prepared" | "precopied" | "committed" | "aborted" | "reformed" | "digest"
-    #            | "error" | "heartbeat" (on its own socket, info {"t": time.monotonic()})
-    # Replies to work done beside the steps ("prepared", "precopied", and "error" for it) carry
-    # info["switch"]: they leave on a socket of their own, so they may overtake or trail others.
-    message: str = ""
-    info: dict = field(default_factory=dict)
+    pid: int  # tells this process's answer from one of a process of this rank that died since
 
 
-_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand,
-                                        ConfirmCommand, AbortCommand, DigestCommand, LeaveCommand, ReformCommand,
-                                        ShutdownCommand, StepResult, WorkerReply)}
+@dataclass
+class BuildTimes:
+    """Seconds a rank spent on each part of building a target layout."""
 
+    groups: float
+    shard: float
+    model: float
+    kv: float
+
+
+@dataclass
+class Prepared:
+    """The target layout is built (PrepareCommand), or this rank has no place in it (standby)."""
+
+    kind: ClassVar[str] = "prepared"
+    rank: int
+    switch: int
+    standby: bool
+    weight_bytes: int = 0  # copied into the shard (0 where a shard is a view of the mapping)
+    build: BuildTimes | None = None  # None on a standby rank: nothing was built
+
+
+@dataclass
+class Precopied:
+    """The full blocks are copied and the pause is ready (PrecopyCommand)."""
+
+    kind: ClassVar[str] = "precopied"
+    rank: int
+    switch: int
+
+
+@dataclass
+class Committed:
+    """The KV left for the pause is moved and this rank is on the target, tentatively (CommitCommand)."""
+
+    kind: ClassVar[str] = "committed"
+    rank: int
+    switch: int
+    migrate_s: float  # the pause's migration on this rank
+    allocated_bytes: int  # exchange buffer the pause had to allocate (0: the pre-copy's was big enough)
+
+
+@dataclass
+class Aborted:
+    """The prepared layout is dropped; an unconfirmed commit is undone (AbortCommand)."""
+
+    kind: ClassVar[str] = "aborted"
+    rank: int
+
+
+@dataclass
+class Reformed:
+    """This rank is in the world `formation` (ReformCommand)."""
+
+    kind: ClassVar[str] = "reformed"
+    rank: int
+    formation: int
+
+
+@dataclass
+class Left:
+    """This rank has left its world, before `formation` forms (LeaveCommand)."""
+
+    kind: ClassVar[str] = "left"
+    rank: int
+    formation: int
+
+
+@dataclass
+class Digest:
+    """sha1 of each (layer, KV head, block) slice this rank holds (DigestCommand)."""
+
+    kind: ClassVar[str] = "digest"
+    rank: int
+    digests: dict[str, str]
+
+
+@dataclass
+class WorkerFailed:
+    """A command failed on this rank (the process lives on), or its start-up did (it exits).
+    Tagged with the world it happened in (`formation`; None for start-up and work beside the
+    steps) and, for a commit or work beside the steps, the switch it belonged to."""
+
+    kind: ClassVar[str] = "failed"
+    rank: int
+    message: str  # what failed while doing what
+    traceback: str
+    formation: int | None = None
+    switch: int | None = None
+
+
+@dataclass
+class Heartbeat:
+    """Sent every HEARTBEAT_INTERVAL_S on a socket of its own while the process runs."""
+
+    kind: ClassVar[str] = "heartbeat"
+    rank: int
+    t: float  # time.monotonic() when sent
+    pid: int
+
+
+Reply = (Started | Prepared | Precopied | Committed | Aborted | Reformed | Left | Digest | WorkerFailed
+         | Heartbeat)
 
 Message = (StepCommand | PrepareCommand | PrecopyCommand | CommitCommand | ConfirmCommand
            | AbortCommand | DigestCommand | LeaveCommand | ReformCommand | ShutdownCommand | StepResult
-           | WorkerReply)
+           | Reply)
+
+_TYPES = {cls.__name__: cls for cls in (StepCommand, PrepareCommand, PrecopyCommand, CommitCommand,
+                                        ConfirmCommand, AbortCommand, DigestCommand, LeaveCommand, ReformCommand,
+                                        ShutdownCommand, StepResult, Started, Prepared, Precopied, Committed,
+                                        Aborted, Reformed, Left, Digest, WorkerFailed, Heartbeat)}
+
+
+class MessageError(ValueError):
+    """Bytes that are not a message of this protocol."""
 
 
 def encode(msg: Message) -> bytes:
+    """JSON of the message's fields, tagged with its type's name."""
+    if type(msg).__name__ not in _TYPES:
+        raise MessageError(f"{type(msg).__name__} is not a message type")
     return json.dumps({"t": type(msg).__name__, "b": asdict(msg)}, separators=(",", ":")).encode()
 
 
 def decode(data: bytes) -> Message:
-    raw = json.loads(data)
-    cls = _TYPES[raw["t"]]
-    body = raw["b"]
-    if cls is StepCommand:
-        return StepCommand(step_id=body["step_id"], seqs=[SeqWork(**s) for s in body["seqs"]])
-    return cls(**body)
+    """The message `encode` made; MessageError for anything else (an unknown type tag included)."""
+    try:
+        raw = json.loads(data)
+        tag, body = raw["t"], dict(raw["b"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MessageError(f"not a message: {exc}") from None
+    cls = _TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {tag!r}")
+    try:
+        if cls is StepCommand:
+            body["seqs"] = [SeqWork(**s) for s in body["seqs"]]
+        elif cls is Prepared and body.get("build") is not None:
+            body["build"] = BuildTimes(**body["build"])
+        return cls(**body)
+    except (TypeError, KeyError) as exc:
+        raise MessageError(f"malformed {tag}: {exc}") from None

@@ -38,12 +38,12 @@ from remp.policy.profile import DecodePoint, LayoutProfile, PrefillPoint, Profil
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError, valid_layouts
 
-# Small enough that SmolLM2-135M's 5 layouts take ~6 minutes on 2 cores: the decode sequences
-# must be prefilled (32 x 256 tokens take 20-40 s a layout there), which bounds the contexts.
+# Small enough that SmolLM2-135M's 5 layouts take minutes on a 2-core CPU: what dominates is
+# prefilling the decode sequences (32 x (64 + 256) tokens a layout), which bounds the contexts.
 DEFAULT_BATCH_SIZES = (1, 4, 16, 32)
 DEFAULT_CONTEXT_LENS = (64, 256)
 DEFAULT_PREFILL_TOKENS = (64, 256, 1024)
-REPEATS = 5  # each point is the median of this many timings (3 left the tiny model 40% off between runs)
+REPEATS = 5  # each point is the median of this many timings: a short repeat is within a shared CPU's jitter
 DECODE_TOKENS = 4  # tokens every sequence gains in one timed decode repeat
 SEED = 0
 LOAD_REQUESTS = 2  # requests mid-generation during each switch
@@ -152,9 +152,9 @@ def plan_grid(engine: LLMEngine, topo: Topology, batch_sizes: Iterable[int], con
     sizes = sorted({min(b, seqs) for b in batch_sizes if b > 0}, reverse=True)
     decode = {}
     for length in sorted({c for c in context_lens if c > 0}):
-        room = decode_headroom(engine, topo, sizes[0], length, len(sizes)) if sizes else 0
-        length = min(length, engine.max_model_len - room)
-        fitting = [b for b in sizes if fits(b, length + room)]
+        headroom = decode_headroom(engine, topo, sizes[0], length, len(sizes)) if sizes else 0
+        length = min(length, engine.max_model_len - headroom)
+        fitting = [b for b in sizes if fits(b, length + headroom)]
         if length > 0 and fitting:
             decode.setdefault(length, fitting)
     if not prefill or not decode:

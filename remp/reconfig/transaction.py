@@ -21,25 +21,24 @@ migrate  right behind the cut (or after the drain, when the newest requests must
 
 Any error before the confirmation aborts: the prepared state is dropped, a worker that had
 switched goes back, and the old layout, whose shards, KV and groups were never touched, keeps
-serving. If the error is a worker that died or hung, it is replaced first (`LLMEngine.recover`):
-the survivors re-form the world with a fresh process in its rank and the old layout is rebuilt
-around it. Requests never leave the scheduler, so none is lost or duplicated.
+serving. If the error is a worker that died or hung, it is replaced first (the engine's
+`recover`): the survivors re-form the world with a fresh process in its rank and the old layout
+is rebuilt around it. Requests never leave the scheduler, so none is lost or duplicated.
+
+The transaction reaches the engine's requests and KV blocks only through the methods listed in
+remp.reconfig.host.SwitchHost, and the workers through the engine's executor.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 from remp.engine.outputs import RequestOutput
 from remp.executor.local import LOST_PEER_GRACE_S, WorkerError
-from remp.kv.blocks import BlockManager
 from remp.kv.migration import bytes_moved, plan_kv_migration, to_rows
+from remp.reconfig.host import SwitchHost
 from remp.topology import Topology
-
-if TYPE_CHECKING:
-    from remp.engine.llm_engine import LLMEngine
 
 
 class ReconfigInProgress(RuntimeError):
@@ -79,7 +78,7 @@ def _layout(topo: Topology) -> dict:
     return {"tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp}
 
 
-def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
+def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
                     timeout_s: float = 120.0, requested_at: float | None = None) -> ReconfigResult:
     """Switch `engine` to `target` while it serves; outputs produced meanwhile go to `on_outputs`.
     Steps may be in flight: the preparation runs beside them. `requested_at` (time.perf_counter)
@@ -95,49 +94,50 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         return result
     num_blocks = engine.num_blocks_for(target)
     transfers = plan_kv_migration(model, source, target)
-    old_blocks = engine.scheduler.blocks
-    result.num_kv_blocks = {"before": old_blocks.num_blocks, "after": num_blocks}
+    result.num_kv_blocks = {"before": engine.num_kv_blocks, "after": num_blocks}
     t_plan = time.perf_counter()
     result.timings_s["queued"] = t0 - t_asked
     result.timings_s["plan"] = t_plan - t0
     executor = engine.executor
     wire = to_rows(transfers)
     per_block = bytes_moved(transfers, 1, engine.config.block_size, model.head_dim, engine.dtype.itemsize)
-    engine.scheduler.admitting = False
+    engine.pause_admission()
     try:
         executor.prepare(target, num_blocks, engine.config.block_size)
-        copied = _full_blocks(engine, num_blocks)
-        filling = _filling_blocks(engine)
+        # Every full live block that keeps its id, with its hand-out count now: none is written
+        # again unless it is freed and handed out anew, which its count shows at the pause.
+        copied = engine.full_kv_blocks(below=num_blocks)
+        filling = engine.filling_kv_blocks()  # the pause moves them
         precopying = bool(copied or filling)
         if precopying:  # queued behind the preparation on each worker: no wait for "prepared" first
-            # Room for every live block not pre-copied, and one more per request: no new prompt is
+            # Buffers for every live block not pre-copied, and one more per request: no new prompt is
             # admitted, and a decode fills a block in block_size steps (the pause allocates the
             # rest if a long prepare lets a request fill more).
-            live = sum(len(seq.block_ids) for seq in engine.scheduler.running)
-            executor.precopy(wire, sorted(copied), filling, live - len(copied) + len(engine.scheduler.running))
+            executor.precopy(wire, sorted(copied), filling,
+                             engine.num_live_kv_blocks() - len(copied) + engine.num_running())
         _serve_until(engine, on_outputs, ["prepared", "precopied"] if precopying else ["prepared"], timeout_s)
         prepared = executor.answers("prepared", timeout_s)
         if precopying:
             executor.answers("precopied", timeout_s)
-        result.weight_bytes_loaded = sum(info.get("weight_bytes", 0) for info in prepared.values())
-        builds = [info["build_s"] for info in prepared.values() if "build_s" in info]  # standbys build nothing
+        result.weight_bytes_loaded = sum(answer.weight_bytes for answer in prepared.values())
+        builds = [asdict(answer.build) for answer in prepared.values() if answer.build]  # standbys build nothing
         result.build_s = {part: max(b[part] for b in builds) for part in (builds[0] if builds else {})}
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
         executor.cut()  # the steps in flight stop at their next check; they run again on the target
-        if sum(len(seq.block_ids) for seq in engine.scheduler.running) > num_blocks:
-            _drain(engine, on_outputs)  # preempting needs the steps in
-            result.preempted_request_ids = engine.scheduler.shrink_to(num_blocks)
+        if engine.num_live_kv_blocks() > num_blocks:
+            engine.drain(on_outputs)  # preempting needs the steps in
+            result.preempted_request_ids = engine.preempt_to_fit(num_blocks)
         # Otherwise the commit goes out right behind the cut (each worker runs it after its steps):
         # the drain only frees blocks, so what it moves is a superset of what stays live, and it
         # reaches the workers while they finish their steps instead of after.
-        src_blocks = sorted(b for seq in engine.scheduler.running for b in seq.block_ids)
+        src_blocks = engine.live_kv_blocks()
         remap = _renumber(src_blocks, num_blocks)
-        left = [b for b in src_blocks if copied.get(b) != engine.scheduler.blocks.handouts(b)]
+        left = engine.stale_kv_blocks(src_blocks, copied)
         result.live_kv_blocks = len(src_blocks)
         result.precopied_kv_blocks = len(src_blocks) - len(left)
         executor.start_commit(engine.threads_for(target), wire, left, [remap[b] for b in left])
-        _drain(engine, on_outputs)
+        engine.drain(on_outputs)
         t_paused = time.perf_counter()
         result.timings_s["drain"] = t_paused - t_prepared
         committed = executor.finish_commit(target, timeout_s)
@@ -148,11 +148,8 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
         result.timings_s["total"] = time.perf_counter() - t_asked
         return result
     finally:
-        engine.scheduler.admitting = True
-    for seq in engine.scheduler.running:
-        seq.block_ids = [remap[b] for b in seq.block_ids]
-    engine.scheduler.blocks = BlockManager(num_blocks, engine.config.block_size,
-                                           used=[b for seq in engine.scheduler.running for b in seq.block_ids])
+        engine.resume_admission()
+    engine.adopt_kv_blocks(num_blocks, remap)
     t_end = time.perf_counter()
     result.outcome = "committed"
     result.kv_bytes_moved = per_block * (len(copied) + len(left))
@@ -163,19 +160,13 @@ def run_transaction(engine: "LLMEngine", target: Topology, on_outputs: Callable[
     # last step, so part of it may fall in the drain.
     result.timings_s["commit"] = t_end - t_paused
     result.timings_s["pause"] = t_end - t_prepared
-    result.timings_s["migrate"] = max(info["migrate_s"] for info in committed.values())
-    result.kv_buffer_bytes_allocated_in_pause = sum(info["allocated_bytes"] for info in committed.values())
+    result.timings_s["migrate"] = max(answer.migrate_s for answer in committed.values())
+    result.kv_buffer_bytes_allocated_in_pause = sum(answer.allocated_bytes for answer in committed.values())
     result.timings_s["total"] = t_end - t_asked
     return result
 
 
-def _drain(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None]) -> None:
-    """Collect every step in flight (cut or not)."""
-    while engine.executor.in_flight:
-        on_outputs(engine.collect())
-
-
-def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], kinds: list[str],
+def _serve_until(engine: SwitchHost, on_outputs: Callable[[list[RequestOutput]], None], kinds: list[str],
                  timeout_s: float) -> None:
     """Keep serving on the old layout until every pool worker has answered each of `kinds`,
     noticing the last answer while a step is under way (that step stays in flight, to be cut)."""
@@ -186,7 +177,7 @@ def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]]
         return executor.has_replies(kinds, range(executor.pool_size))
 
     while not answered():
-        if engine.scheduler.running or executor.in_flight:
+        if engine.num_running() or executor.in_flight:
             on_outputs(engine.step(interrupt=answered))
         else:  # idle, or only requests that wait for the target
             time.sleep(0.005)
@@ -194,25 +185,7 @@ def _serve_until(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]]
             raise TimeoutError(f"workers did not answer {', '.join(kinds)} within {timeout_s:.0f} s")
 
 
-def _full_blocks(engine: "LLMEngine", num_blocks: int) -> dict[int, int]:
-    """The blocks to pre-copy: every full block of the running requests that keeps its id (below
-    the target's block count), with its hand-out count now. Steps in flight write only past
-    `num_computed`, so none of these is written again unless it is freed and handed out anew —
-    which its hand-out count shows at the pause."""
-    bs = engine.config.block_size
-    blocks = engine.scheduler.blocks
-    return {b: blocks.handouts(b) for seq in engine.scheduler.running
-            for b in seq.block_ids[:seq.num_computed // bs] if b < num_blocks}
-
-
-def _filling_blocks(engine: "LLMEngine") -> list[int]:
-    """The live blocks not full yet (the last of each request, and any a step in flight has
-    taken): the pause moves them."""
-    bs = engine.config.block_size
-    return [b for seq in engine.scheduler.running for b in seq.block_ids[seq.num_computed // bs:]]
-
-
-def _roll_back(engine: "LLMEngine", on_outputs: Callable[[list[RequestOutput]], None], result: ReconfigResult,
+def _roll_back(engine: SwitchHost, on_outputs: Callable[[list[RequestOutput]], None], result: ReconfigResult,
                timeout_s: float) -> None:
     """Drop the prepared layout on every worker; when one is dead or hung, replace it instead
     (which drops the prepared layout too) and say so in `result`."""

@@ -236,7 +236,7 @@ class _OpenAIServer:
             prompt_ids = await self._tokenize(lambda tok: tok.encode(text), len(text), "prompt")
         else:
             prompt_ids = req.prompt
-        params = req.sampling_params(self._room(prompt_ids, "prompt"))
+        params = req.sampling_params(self._tokens_left(prompt_ids, "prompt"))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         first, outputs = await self._start(prompt_ids, params, request_id)
 
@@ -271,7 +271,7 @@ class _OpenAIServer:
     async def chat(self, req: ChatCompletionRequest) -> Response:
         self._check_model(req.model)
         prompt_ids = await self._apply_chat_template(req)
-        params = req.sampling_params(self._room(prompt_ids, "messages"))
+        params = req.sampling_params(self._tokens_left(prompt_ids, "messages"))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, outputs = await self._start(prompt_ids, params, request_id)
         top_n = req.top_logprobs or 0
@@ -317,14 +317,14 @@ class _OpenAIServer:
         except (TemplateError, ValueError) as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
 
-    def _room(self, prompt_ids: list[int], param: str) -> int:
+    def _tokens_left(self, prompt_ids: list[int], param: str) -> int:
         """Tokens left in the context after the prompt: the default for max_tokens."""
-        room = self.engine.max_model_len - len(prompt_ids)
-        if room < 1:
+        left = self.engine.max_model_len - len(prompt_ids)
+        if left < 1:
             raise APIError(400, f"This model's maximum context length is {self.engine.max_model_len} tokens. "
                                 f"However, your request has {len(prompt_ids)} input tokens, which leaves no room "
                                 f"for the completion. Please reduce the length of the input.", param=param)
-        return room
+        return left
 
     async def _start(self, prompt_ids: list[int], params,
                      request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:

@@ -1,12 +1,16 @@
 """Replay a workload against a modelled serving instance, on a fixed layout or under a `Policy`.
 
-The model follows the engine's scheduler (`remp.engine.scheduler`) one iteration at a time:
-the running requests that have their previous token reserve KV blocks for the next one
-(preempting the newest running request when the cache is full), then waiting requests are
-admitted first-come first-served while the sequence limit and free blocks allow, then the
-iteration costs the profile's prefill time for the admitted prompt tokens plus one decode
-step for the running batch at its mean context. A preempted request is recomputed: it goes
-back to the front of the queue and prefills its prompt and the tokens it had generated.
+The model follows the engine's scheduler (`remp.engine.scheduler`) one iteration at a time,
+deciding through the same admission and preemption rules (`remp.engine.admission`): the
+running requests that have their previous token reserve KV blocks for the next one
+(preempting the newest running request not in flight when the cache is full), then waiting
+requests are admitted first-come first-served while the sequence limit and free blocks allow,
+then the iteration costs the profile's prefill time for the admitted prompt tokens plus one
+decode step for the running batch at its mean context. A preempted request is recomputed: it
+goes back to the front of the queue and prefills its prompt and the tokens it had generated.
+A request whose latest token does not exist yet (its prefill still crosses the pipeline) is
+in flight, as the engine's sequence in a step that has not returned is. The profile has no
+token budget, so the simulator admits without one.
 
 With pipeline parallelism a prefill's latency spans every stage but occupies each only for
 1/pp of it, so the iteration advances the clock by prefill / pp and the admitted requests get
@@ -25,12 +29,16 @@ import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from remp.bench.serve import Metrics, RequestRecord, compute_metrics
+from remp.bench.metrics import Metrics, RequestRecord, compute_metrics
 from remp.bench.workload import WorkItem
-from remp.policy.policy import Policy
+from remp.engine.admission import admit, make_room, requeue, shrink
 from remp.policy.profile import LayoutProfile, Profile
 from remp.policy.stats import LoadTracker
+
+if TYPE_CHECKING:  # only annotated here; importing it loads remp.topology and with it torch
+    from remp.policy.policy import Policy
 
 
 @dataclass
@@ -70,6 +78,7 @@ class _Request:
     generated: int = 0
     blocks: int = 0
     running: bool = False
+    in_flight: bool = False  # its latest token is not out yet, or it is chosen for this iteration
     ready_at: float = 0.0  # when its latest token exists, so it can decode the next one
     last_token_s: float = 0.0
 
@@ -98,59 +107,51 @@ class _Instance:
     preemptions: int = 0
 
     @property
-    def free_blocks(self) -> int:
+    def num_free(self) -> int:
         return self.layout.num_kv_blocks - self.used_blocks
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.layout.block_size)
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.layout.block_size)
 
     def preempt(self, req: _Request) -> None:
         self.used_blocks -= req.blocks
         req.blocks, req.running = 0, False
-        self.running.remove(req)
-        self.waiting.appendleft(req)
+        requeue(req, self.running, self.waiting)
         self.preemptions += 1
 
-    def reserve(self, req: _Request, chosen: list[_Request]) -> bool:
-        """Blocks for `req`'s next token, preempting newer requests not yet chosen for this step;
-        False if `req` itself had to go."""
-        need = self.blocks_for(req.num_tokens) - req.blocks
-        while need > self.free_blocks:
-            victim = next((r for r in reversed(self.running) if r is not req and r not in chosen), req)
-            self.preempt(victim)
-            if victim is req:
-                return False
+    def reserve(self, req: _Request) -> bool:
+        """Blocks for `req`'s next token, preempting the newest requests not in flight; False
+        if `req` itself had to go."""
+        need = self.blocks_needed(req.num_tokens) - req.blocks
+        if need > self.num_free and not make_room(req, need, self, self.running, self.preempt):
+            return False
         req.blocks += need
         self.used_blocks += need
         return True
 
     def admit(self, now: float) -> list[_Request]:
-        """Waiting requests that fit, first come first served; those that never could fail."""
+        """Waiting requests that fit, first come first served; those that never could fail (the
+        engine refuses them when they are added: its cache holds its longest context)."""
+        def never_fits(req: _Request, need: int) -> bool:
+            if need <= self.layout.num_kv_blocks:
+                return False
+            req.record.error = f"needs {need} KV blocks, more than the {self.layout.num_kv_blocks} of {self.name}"
+            req.record.latency = now - req.item.arrival_s
+            return True
+
         admitted = []
-        while self.waiting and len(self.running) < self.layout.max_num_seqs:
-            req = self.waiting[0]
-            need = self.blocks_for(req.num_tokens)
-            if need > self.layout.num_kv_blocks:
-                self.waiting.popleft()
-                req.record.error = (f"needs {need} KV blocks, more than the {self.layout.num_kv_blocks} of "
-                                    f"{self.name}")
-                req.record.latency = now - req.item.arrival_s
-                continue
-            if need > self.free_blocks:
-                break
-            self.waiting.popleft()
+        for req, need in admit(self.waiting, self.running, self.layout.max_num_seqs, math.inf, self, never_fits):
             req.blocks, req.running = need, True
             self.used_blocks += need
-            self.running.append(req)
             admitted.append(req)
         return admitted
 
     def switch_to(self, name: str) -> None:
         """Serve on `name` from now; preempt the newest requests the new cache cannot hold."""
         self.name, self.layout = name, self.profile.layouts[name]
-        while self.running and (self.used_blocks > self.layout.num_kv_blocks
-                                or len(self.running) > self.layout.max_num_seqs):
-            self.preempt(self.running[-1])
+        layout = self.layout
+        shrink(self.running, lambda: self.used_blocks <= layout.num_kv_blocks
+               and len(self.running) <= layout.max_num_seqs, self.preempt)
 
 
 class Simulator:
@@ -192,9 +193,12 @@ class Simulator:
     def _iterate(self) -> bool:
         """One engine step at `now`; False when nothing could run yet."""
         engine, now = self.engine, self.now
+        for req in engine.running:
+            req.in_flight = req.ready_at > now
         decoding: list[_Request] = []
-        for req in [r for r in engine.running if r.ready_at <= now]:
-            if req.running and engine.reserve(req, decoding):  # not preempted for an older one
+        for req in [r for r in engine.running if not r.in_flight]:
+            if req.running and engine.reserve(req):  # not preempted for an older one
+                req.in_flight = True
                 decoding.append(req)
         admitted = engine.admit(now)
         if not decoding and not admitted:

@@ -22,10 +22,12 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    MistralConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 
-VARIANTS = ("gqa", "mha", "qwen2")
+VARIANTS = ("gqa", "mha", "qwen2", "qwen3", "mistral")
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]
@@ -85,7 +87,9 @@ def make_tiny_model(
 
     ``variant`` is "gqa" (Llama, 8 query / 2 KV heads, untied embeddings),
     "mha" (Llama, 4 / 4 heads, tied) or "qwen2" (Qwen2 with qkv bias, 4 / 2
-    heads, tied).  With ``max_shard_size`` (e.g. "200KB") the weights are split
+    heads, tied), "qwen3" (Qwen3: per-head q/k norms, head_dim 32 though
+    hidden / heads is 16, 4 / 2 heads, untied) or "mistral" (Mistral, 8 / 2
+    heads, untied).  With ``max_shard_size`` (e.g. "200KB") the weights are split
     into several safetensors files plus an index, to exercise sharded loading.
     Returns the directory.
     """
@@ -177,6 +181,14 @@ def _build_config(variant: str, tokenizer: PreTrainedTokenizerFast) -> Pretraine
         return LlamaConfig(
             num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, **common
         )
-    return Qwen2Config(
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common
+    if variant == "qwen2":
+        return Qwen2Config(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common
+        )
+    if variant == "qwen3":
+        return Qwen3Config(
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, **common
+        )
+    return MistralConfig(
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None, **common
     )

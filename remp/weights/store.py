@@ -5,9 +5,9 @@ shard is a set of *views* into that mapping: the rows of q/k/v/gate/up and the e
 tensor rank owns are contiguous, the columns of o/down are strided views that BLAS reads in
 place. Every worker on a host therefore shares the same page-cache pages, the checkpoint sits
 in host memory once however many workers map it, and building the shard for a new
-(topology, rank) costs no copy, no file read and no other worker. Copies happen only where a
-view cannot serve: a serving dtype other than the checkpoint's, vocabulary padding, a device
-other than the CPU (see `StageModel`).
+(topology, rank) costs no copy, no file read and no other worker (remp.weights.loader puts
+the views in a model's parameters). Copies happen only where a view cannot serve: a serving
+dtype other than the checkpoint's, vocabulary padding, a device other than the CPU.
 
 safetensors' own loaders copy every tensor they return, hence the small header reader here;
 the format (8-byte little-endian header length, JSON header, raw data) is its documented spec.
@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from remp.config import ModelConfig, ModelError
-from remp.topology import Topology
+from remp.config import ModelError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -97,46 +95,3 @@ class WeightStore:
 
     def full(self, name: str) -> torch.Tensor:
         return self._tensors[name]
-
-    def shard(self, model: ModelConfig, topo: Topology, rank: int, dtype: torch.dtype,
-              reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The tensors rank `rank` needs under `topo`, keyed by local names.
-
-        Views of the mapping where the checkpoint's dtype is `dtype`, converted copies otherwise.
-        q/k/v and gate/up stay separate matrices (fusing them would copy; measured here, three
-        and two matmuls cost the same as one fused one, and a column-sliced o/down as much as a
-        contiguous one). Tensors found in `reuse` (this rank's shard under a layout with the
-        same tensor split, e.g. already on the GPU) are taken as they are.
-        """
-        stage, t = topo.coords(rank)
-        hd = model.head_dim
-        heads = topo.heads_of(t, model.num_heads)
-        kv = topo.kv_heads_of(t, model.num_kv_heads)
-        q_rows = range(heads.start * hd, heads.stop * hd)
-        kv_rows = range(kv.start * hd, kv.stop * hd)
-        mlp = topo.mlp_slice(t, model.intermediate_size)
-        vocab = topo.vocab_slice(t, model.vocab_size)
-        wanted: dict[str, Callable[[], torch.Tensor]] = {}
-        if stage == 0:
-            wanted["embed"] = lambda: self.rows("model.embed_tokens.weight", vocab)
-        if stage == topo.pp - 1:
-            head = "lm_head.weight"
-            if model.tie_word_embeddings or head not in self:
-                head = "model.embed_tokens.weight"
-            wanted["norm"] = lambda: self.full("model.norm.weight")
-            wanted["lm_head"] = lambda: self.rows(head, vocab)
-        for layer in topo.layers_of(stage, model.num_layers):
-            p = f"model.layers.{layer}."
-            kinds = ["weight", "bias"] if model.attention_bias else ["weight"]
-            for proj, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-                for kind in kinds:
-                    key = f"{layer}.{proj}" + ("_bias" if kind == "bias" else "")
-                    wanted[key] = lambda name=f"{p}self_attn.{proj}_proj.{kind}", rows=rows: self.rows(name, rows)
-            wanted[f"{layer}.o"] = lambda p=p: self.cols(p + "self_attn.o_proj.weight", q_rows)
-            wanted[f"{layer}.gate"] = lambda p=p: self.rows(p + "mlp.gate_proj.weight", mlp)
-            wanted[f"{layer}.up"] = lambda p=p: self.rows(p + "mlp.up_proj.weight", mlp)
-            wanted[f"{layer}.down"] = lambda p=p: self.cols(p + "mlp.down_proj.weight", mlp)
-            wanted[f"{layer}.input_norm"] = lambda p=p: self.full(p + "input_layernorm.weight")
-            wanted[f"{layer}.post_norm"] = lambda p=p: self.full(p + "post_attention_layernorm.weight")
-        reuse = reuse or {}
-        return {k: reuse[k] if k in reuse else load().to(dtype) for k, load in wanted.items()}

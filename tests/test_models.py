@@ -1,0 +1,171 @@
+"""Model families and their weight loaders, in one process (no workers).
+
+The loader test checks every parameter of every supported family, for every rank of every
+layout of a pool of 4, against the slice rule written out here directly from `Topology`
+(q/k/v and gate/up rows, o/down columns, vocabulary rows padded to ceil(V / tp), layers of
+the rank's stage): the same bytes, a view of the mapped checkpoint wherever the dtype agrees.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from remp.config import ModelConfig, ModelError
+from remp.kv.cache import KVCache
+from remp.layers.batch import Batch
+from remp.models.registry import ARCHITECTURES, model_class
+from remp.parallel.context import ParallelContext
+from remp.testing.tiny_model import VARIANTS, make_tiny_model
+from remp.topology import Topology, valid_layouts
+from remp.weights.loader import load_weights
+from remp.weights.store import WeightStore
+
+POOL = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("families")
+    return {v: str(make_tiny_model(root / v, variant=v)) for v in VARIANTS}
+
+
+def expected_slices(store: WeightStore, cfg: ModelConfig, topo: Topology, rank: int) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the part of it rank `rank` holds under `topo`."""
+    stage, t = topo.coords(rank)
+    hd = cfg.head_dim
+    heads, kv = topo.heads_of(t, cfg.num_heads), topo.kv_heads_of(t, cfg.num_kv_heads)
+    q_rows, kv_rows = range(heads.start * hd, heads.stop * hd), range(kv.start * hd, kv.stop * hd)
+    mlp = topo.mlp_slice(t, cfg.intermediate_size)
+    vocab = topo.vocab_slice(t, cfg.vocab_size)
+
+    def rows(name: str, span: range) -> torch.Tensor:
+        full = store.full(name)
+        part = full[span.start:min(span.stop, full.shape[0])]
+        missing = span.stop - max(span.start, full.shape[0])
+        return torch.cat([part, part.new_zeros((missing, *part.shape[1:]))]) if missing > 0 else part
+
+    out = {}
+    if stage == 0:
+        out["model.embed_tokens.weight"] = rows("model.embed_tokens.weight", vocab)
+    if stage == topo.pp - 1:
+        out["model.norm.weight"] = store.full("model.norm.weight")
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in store \
+            else "lm_head.weight"
+        out[head] = rows(head, vocab)
+    for layer in topo.layers_of(stage, cfg.num_layers):
+        p = f"model.layers.{layer}."
+        kinds = ("weight", "bias") if cfg.attention_bias else ("weight",)
+        for proj, span in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            for kind in kinds:
+                out[f"{p}self_attn.{proj}_proj.{kind}"] = rows(f"{p}self_attn.{proj}_proj.{kind}", span)
+        out[p + "self_attn.o_proj.weight"] = store.full(p + "self_attn.o_proj.weight")[:, q_rows.start:q_rows.stop]
+        out[p + "mlp.gate_proj.weight"] = rows(p + "mlp.gate_proj.weight", mlp)
+        out[p + "mlp.up_proj.weight"] = rows(p + "mlp.up_proj.weight", mlp)
+        out[p + "mlp.down_proj.weight"] = store.full(p + "mlp.down_proj.weight")[:, mlp.start:mlp.stop]
+        for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+            if p + norm + ".weight" in store:
+                out[p + norm + ".weight"] = store.full(p + norm + ".weight")
+    return out
+
+
+def build(path: str, topo: Topology, rank: int, dtype=torch.float32, reuse=None):
+    cfg = ModelConfig.from_pretrained(path)
+    model = model_class(cfg.architecture)(cfg, ParallelContext(topo, rank), cfg.hf_config())
+    store = WeightStore(path)
+    load_weights(model, store, dtype, torch.device("cpu"), reuse)
+    return cfg, store, model
+
+
+def checkpoint_name(store: WeightStore, param) -> str:
+    return next(n for n in param.source.names if n in store)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_parameter_gets_its_slice_for_every_layout(checkpoints, variant):
+    path = checkpoints[variant]
+    cfg = ModelConfig.from_pretrained(path)
+    layouts = valid_layouts(cfg, POOL)
+    assert len(layouts) >= 4, layouts
+    for topo in layouts:
+        for rank in range(topo.world_size):
+            cfg, store, model = build(path, topo, rank)
+            expected = expected_slices(store, cfg, topo, rank)
+            got = {checkpoint_name(store, p): p for _, p in model.named_parameters()}
+            assert got.keys() == expected.keys(), (topo, rank)
+            padded = topo.vocab_slice(topo.coords(rank)[1], cfg.vocab_size).stop > cfg.vocab_size
+            for name, param in got.items():
+                assert param.dtype == torch.float32 and torch.equal(param, expected[name]), (topo, rank, name)
+                vocab_rows = name in ("model.embed_tokens.weight", "lm_head.weight")
+                assert store.maps(param) or (padded and vocab_rows), f"{name} copied under {topo} rank {rank}"
+
+
+def test_another_dtype_converts_and_reuse_takes_the_same_tensors(checkpoints):
+    path = checkpoints["qwen3"]
+    cfg, store, model = build(path, Topology(2, 1), 1, dtype=torch.bfloat16)
+    expected = expected_slices(store, cfg, Topology(2, 1), 1)
+    for _, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16 and not store.maps(param)
+        assert torch.equal(param, expected[checkpoint_name(store, param)].to(torch.bfloat16))
+    # The same tensor split under another pipeline depth (rank 1 is stage 0's second tensor rank
+    # there: the embedding and layers 0-1): every tensor it holds is taken from the old model.
+    old = dict(model.named_parameters())
+    _, _, again = build(path, Topology(2, 2), 1, dtype=torch.bfloat16, reuse=old)
+    names = [n for n, _ in again.named_parameters()]
+    assert "embed_tokens.weight" in names and not any(n.startswith("layers.2.") for n in names)
+    assert all(old[n] is p for n, p in again.named_parameters())
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_by_name(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "broken"
+    shutil.copytree(checkpoints["qwen3"], path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="model.layers.1.self_attn.k_norm.weight"):
+        build(str(path), Topology(1, 1), 0)
+    # A sliding-window Qwen3 is refused when its config is read, with the reason.
+    config = json.loads((path / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    config.pop("layer_types", None)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="sliding-window"):
+        ModelConfig.from_pretrained(str(path))
+
+
+def test_every_registered_architecture_has_a_tiny_checkpoint(checkpoints):
+    """A family added to the registry comes with a tiny variant (so the tests above cover it)."""
+    covered = {AutoConfig.from_pretrained(p).architectures[0] for p in checkpoints.values()}
+    assert covered == set(ARCHITECTURES)
+
+
+def batch_of(token_ids: list[int], start: int, block_table: list[int], block_size: int) -> Batch:
+    positions = list(range(start, start + len(token_ids)))
+    slots = [block_table[p // block_size] * block_size + p % block_size for p in positions]
+    return Batch(input_ids=torch.tensor(token_ids), positions=torch.tensor(positions), slots=torch.tensor(slots),
+                 block_size=block_size, q_lens=[len(token_ids)], starts=[start], block_tables=[block_table],
+                 device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_single_rank_model_matches_transformers(checkpoints, variant):
+    """Prefill then greedy decodes over the paged cache: logits equal transformers' forward."""
+    path = checkpoints[variant]
+    cfg, _, model = build(path, Topology(1, 1), 0)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    kv = KVCache(cfg, Topology(1, 1), 0, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    tokens = [5, 17, 99, 3, 42, 7]
+    table = [3, 0, 6, 1, 5]
+    blocks = table[:2]  # as the scheduler hands them out: only blocks that hold tokens
+    logits = model(batch_of(tokens, 0, blocks, 4), None, kv)
+    for _ in range(6):
+        with torch.no_grad():
+            ref = hf(torch.tensor([tokens])).logits[0, -1]
+        torch.testing.assert_close(logits[0], ref, atol=1e-4, rtol=1e-4)
+        tokens.append(int(logits[0].argmax()))
+        blocks = table[:-(-len(tokens) // 4)]
+        logits = model(batch_of(tokens[-1:], len(tokens) - 1, blocks, 4), None, kv)
