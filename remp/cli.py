@@ -262,7 +262,9 @@ def _bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"remp.bench.{args.benchmark}")
     parser = argparse.ArgumentParser(prog=f"remp bench {args.benchmark}", description=module.__doc__)
     module.add_arguments(parser)
-    return module.run(parser.parse_args(args.args)) or 0
+    outcome = module.run(parser.parse_args(args.args))
+    # A benchmark returns its exit status (chaos: 1 when a request was lost) or its result: success.
+    return outcome if isinstance(outcome, int) else 0
 
 
 def _reconfigure(args: argparse.Namespace) -> int:

@@ -22,9 +22,11 @@ for round in $(seq 1 "$ROUNDS"); do
         echo "== round $round: $rev"
         (cd "$OUT/tree-$rev" && PYTHONPATH=$PWD "$PY" -m remp.cli bench layouts "$MODEL" --layouts tp1pp1,tp1pp2 \
             --rates inf --num-prompts 32 --input-len 128 --output-len 64 --hf-prompts 1 \
-            --json "$OUT/serve-$rev-$round.json" > "$OUT/serve-$rev-$round.log" 2>&1)
+            --json "$OUT/serve-$rev-$round.json" > "$OUT/serve-$rev-$round.log" 2>&1) || true  # before f85e50b's successor, a bench exited 1 with its result
+        [ -s "$OUT/serve-$rev-$round.json" ] || { echo "bench layouts failed: $OUT/serve-$rev-$round.log"; exit 1; }
         (cd "$OUT/tree-$rev" && PYTHONPATH=$PWD "$PY" -m remp.cli bench switch "$MODEL" --worker-pool-size 4 \
             --layouts tp1pp1,tp3pp1,tp1pp2 --load-rate 0.25 --input-len 64 --output-len 64 \
-            --json "$OUT/switch-$rev-$round.json" > "$OUT/switch-$rev-$round.log" 2>&1)
+            --json "$OUT/switch-$rev-$round.json" > "$OUT/switch-$rev-$round.log" 2>&1) || true
+        [ -s "$OUT/switch-$rev-$round.json" ] || { echo "bench switch failed: $OUT/switch-$rev-$round.log"; exit 1; }
     done
 done

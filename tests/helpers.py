@@ -96,3 +96,17 @@ def remp_server(model: str, log_path: Path, *extra: str) -> Iterator[str]:
             proc.wait()
 
 
+
+
+def transformers_greedy(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], list]]:
+    """transformers' greedy continuation of each prompt and its per-step log-softmax."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    refs = []
+    for p in prompts:
+        out = hf.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                          output_logits=True, return_dict_in_generate=True)
+        refs.append((out.sequences[0, len(p):].tolist(), [torch.log_softmax(s[0].float(), -1) for s in out.logits]))
+    return refs

@@ -25,15 +25,14 @@ from aiohttp import web
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from remp.bench.metrics import RequestRecord, compute_metrics
 from remp.bench.serve import (
     CHAT_COMPLETIONS,
     BenchConfig,
     BenchError,
-    RequestRecord,
     add_arguments,
     arrival_offsets,
     benchmark,
-    compute_metrics,
     load_tokenizer,
     run,
     sample_random_requests,
@@ -315,6 +314,19 @@ def test_chat_cli_end_to_end_counts_chunks_without_usage(
     assert saved["completed"] == 4 and saved["request_rate"] == 200.0
     assert saved["endpoint"] == CHAT_COMPLETIONS and saved["output_lens"] == [5] * 4
     assert len(saved["itls"]) == 4 and "p90_e2el_ms" in saved and "api_key" not in saved
+
+
+def test_a_successful_bench_exits_0(tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`remp bench serve` (any benchmark returning its result) exits 0, the report on stdout only."""
+    from remp.cli import main
+
+    with serving(FakeOpenAIServer("served-name", usage=True, tokens_per_chunk=1)) as url, \
+            pytest.raises(SystemExit) as exit_:
+        main(["bench", "serve", "--base-url", url, "--tokenizer", str(tokenizer_dir), "--num-prompts", "2",
+              "--input-len", "4", "--output-len", "3", "--disable-tqdm"])
+    assert exit_.value.code == 0
+    captured = capsys.readouterr()
+    assert "Serving Benchmark Result" in captured.out and "BenchResult" not in captured.err
 
 
 def test_remote_model_id_without_tokenizer_fails_clearly(tokenizer_dir: Path) -> None:

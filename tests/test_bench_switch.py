@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from remp.bench.serve import RequestRecord
+from remp.bench.metrics import RequestRecord
 from remp.bench.switch import Switch, score, summarise_load, summary_line, valid_layouts, write_heatmap
 from remp.config import ModelConfig
 from remp.topology import Topology, TopologyError

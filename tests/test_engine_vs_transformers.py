@@ -13,6 +13,7 @@ from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
 from remp.topology import Topology
+from helpers import transformers_greedy
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]
 PROMPTS = [[5, 17, 99, 3, 42], [7, 8, 9], list(range(30, 71)), [400, 2, 250, 7, 7, 7, 19]]
@@ -37,14 +38,7 @@ def run(engine: LLMEngine, prompts, params, stagger: int = 0) -> dict[str, objec
 @pytest.fixture(scope="module")
 def reference(tiny_gqa):
     """transformers' greedy continuation and per-step log-softmax for each prompt."""
-    hf = AutoModelForCausalLM.from_pretrained(tiny_gqa, dtype=torch.float32)
-    refs = []
-    for p in PROMPTS:
-        out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
-                          output_logits=True, return_dict_in_generate=True)
-        refs.append((out.sequences[0, len(p):].tolist(),
-                     [torch.log_softmax(step[0].float(), -1) for step in out.logits]))
-    return refs
+    return transformers_greedy(tiny_gqa, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,12 @@ under tensor and pipeline parallelism, and its requests keep their tokens across
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
 from remp.topology import Topology
+from helpers import transformers_greedy
 
 PROMPTS = [[5, 17, 99, 3, 42], list(range(30, 71)), [400, 2, 250, 7, 7, 7, 19]]
 MAX_TOKENS = 10
@@ -18,13 +17,7 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, l
 
 @pytest.fixture(scope="module")
 def reference(tiny_qwen3):
-    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
-    refs = []
-    for p in PROMPTS:
-        out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
-                          output_logits=True, return_dict_in_generate=True)
-        refs.append((out.sequences[0, len(p):].tolist(), [torch.log_softmax(s[0].float(), -1) for s in out.logits]))
-    return refs
+    return transformers_greedy(tiny_qwen3, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

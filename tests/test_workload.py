@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 
 from remp.bench.metrics import LatencyStats, percentile
-from remp.bench.serve import (
-    BenchConfig,
-    BenchError,
-    RequestRecord,
-    benchmark,
-    compute_metrics,
-    meets_slos,
-    parse_goodput,
-)
+from remp.bench.metrics import RequestRecord, compute_metrics, meets_slos
+from remp.bench.serve import BenchConfig, BenchError, benchmark, parse_goodput
 from remp.bench.workload import (
     WorkItem,
     day_schedule,

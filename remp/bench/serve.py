@@ -40,14 +40,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from remp.bench.metrics import (  # re-exported: the benchmark's users import them from here
-    GOODPUT_METRICS,
-    LatencyStats,
-    Metrics,
-    RequestRecord,
-    compute_metrics,
-    meets_slos,
-)
+from remp.bench.metrics import GOODPUT_METRICS, LatencyStats, Metrics, RequestRecord, compute_metrics
 from remp.bench.workload import (
     WorkItem,
     draw_lengths,

@@ -32,8 +32,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from remp.bench.serve import (COMPLETIONS, REQUEST_TIMEOUT_S, BenchConfig, RequestRecord, build_payload,
-                              load_tokenizer, sample_random_requests, send_request)
+from remp.bench.metrics import RequestRecord
+from remp.bench.serve import (COMPLETIONS, REQUEST_TIMEOUT_S, BenchConfig, build_payload, load_tokenizer,
+                              sample_random_requests, send_request)
 from remp.bench.server_process import ServerProcess, free_port, launch_to_first_token
 from remp.config import ModelConfig
 from remp.reconfig.tour import switch_tour

@@ -11,7 +11,7 @@ drain    the moment every worker has answered both (the engine looks while it wa
          step), the pause begins: no more steps are sent and those in flight are cut at their
          next check (remp.executor.cut); a step that ends first delivers its tokens, a cut one
          runs again on the target. So the pause waits for a few ms, not for the rest of a step
-         (100-350 ms on 2 cores)
+         (up to hundreds of ms on a CPU)
 migrate  right behind the cut (or after the drain, when the newest requests must be preempted
 & commit because the target holds fewer blocks than are live), one command: every worker, after
          its own last step, moves the KV slices of the live blocks not pre-copied (those still

@@ -1,0 +1,42 @@
+"""Decode-step forward time of one rank's model at tp1pp1, in-process, for the code it is run from:
+the StageModel of revisions before the nn.Module layers, or the nn.Module model after them.
+    cd WORKTREE && PYTHONPATH=$PWD /path/to/.venv/bin/python /path/to/scripts/ab_forward.py MODEL_DIR BATCH
+Runs 40 decode steps of BATCH sequences at a 128-token context (2 threads) and prints the median
+of the last 35. Alternate it between two worktrees to compare them."""
+import statistics, sys, time, torch
+from remp.config import ModelConfig
+from remp.kv.cache import KVCache
+from remp.topology import Topology
+from remp.weights.store import WeightStore
+path = sys.argv[1]; B = int(sys.argv[2]); CTX = 128
+torch.set_num_threads(2)
+cfg = ModelConfig.from_pretrained(path); hf = cfg.hf_config(); store = WeightStore(path); topo = Topology(1, 1)
+try:
+    from remp.model.llama import Batch, StageModel
+    model = StageModel(cfg, topo, 0, store.shard(cfg, topo, 0, torch.float32), None, hf, torch.device("cpu"))
+    fwd = lambda b, kv: model.forward(b, None, kv, lambda: False)
+    which = "old"
+except ImportError:
+    from remp.layers.batch import Batch
+    from remp.models.registry import model_class
+    from remp.parallel.context import ParallelContext
+    from remp.weights.loader import load_weights
+    model = model_class(cfg.architecture)(cfg, ParallelContext(topo, 0), hf)
+    load_weights(model, store, torch.float32, torch.device("cpu"))
+    fwd = lambda b, kv: model(b, None, kv)
+    which = "new"
+bs = 16; per = CTX // bs + 1
+kv = KVCache(cfg, topo, 0, B * per, bs, torch.float32, torch.device("cpu"))
+for blk in range(B * per):
+    for layer in kv.layers.values(): layer[blk].zero_()
+tables = [list(range(i * per, (i + 1) * per)) for i in range(B)]
+def batch():
+    pos = [CTX] * B
+    slots = [t[CTX // bs] * bs + CTX % bs for t in tables]
+    return Batch(input_ids=torch.randint(0, 1000, (B,)), positions=torch.tensor(pos), slots=torch.tensor(slots),
+                 block_size=bs, q_lens=[1] * B, starts=pos, block_tables=tables, device=torch.device("cpu"))
+times = []
+with torch.no_grad():
+    for i in range(40):
+        b = batch(); t0 = time.perf_counter(); fwd(b, kv); times.append(time.perf_counter() - t0)
+print(which, B, f"median {1e3*statistics.median(times[5:]):.2f} ms")
