@@ -180,25 +180,36 @@ def test_shards_are_views_of_the_mapped_checkpoint(engine):
         assert result.outcome == "committed" and result.weight_bytes_loaded == 0
 
 
-def test_pipeline_change_converts_only_the_new_stage(tiny_gqa):
-    """Served in another dtype, shards are converted copies; tp1pp1 -> tp1pp2 keeps rank 0's
-    tensors and converts only rank 1's (layers 2-3, norm, LM head)."""
-    from remp.models.registry import model_class
-    from remp.parallel.context import ParallelContext
-    from remp.weights.loader import load_weights
-    from remp.weights.store import WeightStore
+def test_served_in_another_dtype_no_switch_copies_a_weight(tiny_gqa):
+    """Served in bfloat16 from a float32 checkpoint: the engine converts it once into shared memory
+    and the workers map that copy, so no switch copies a weight, whatever it changes; requests keep
+    their tokens across pipeline switches (each layer's bf16 arithmetic is the no-switch run's);
+    the copy is removed at shutdown."""
+    from pathlib import Path
 
-    eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=2, max_model_len=128, block_size=4,
+    eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=4, max_model_len=128, block_size=4,
                                  dtype="bfloat16"))
+    copy = Path(eng.executor._weights_path)
     try:
-        result = eng.reconfigure(Topology(1, 2), lambda outs: None)
-        cfg = eng.model_config
-        stage1 = model_class(cfg.architecture)(cfg, ParallelContext(Topology(1, 2), 1), cfg.hf_config())
-        load_weights(stage1, WeightStore(tiny_gqa), torch.bfloat16, torch.device("cpu"))
-        assert result.outcome == "committed"
-        assert result.weight_bytes_loaded == sum(w.numel() * w.element_size() for w in stage1.parameters())
+        assert copy != Path(tiny_gqa) and copy.is_dir()
+        for target in (Topology(2, 1), Topology(2, 2), Topology(4, 1), Topology(1, 2), Topology(1, 1)):
+            result = eng.reconfigure(target, lambda outs: None)
+            assert result.outcome == "committed" and result.weight_bytes_loaded == 0, (target, result.reason)
+        plain, book = start_prompts(eng, "plain", steps=0)
+        while eng.has_unfinished():
+            book(eng.step())
+        switched, book = start_prompts(eng, "switched", steps=2)
+        for target in (Topology(1, 2), Topology(1, 4), Topology(1, 1)):
+            result = eng.reconfigure(target, book)
+            assert result.outcome == "committed" and result.weight_bytes_loaded == 0, (target, result.reason)
+            book(eng.step())
+        while eng.has_unfinished():
+            book(eng.step())
+        assert [switched[f"switched{i}"].token_ids for i in range(len(PROMPTS))] == \
+            [plain[f"plain{i}"].token_ids for i in range(len(PROMPTS))]
     finally:
         eng.shutdown()
+    assert not copy.exists()
 
 
 def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):

@@ -25,9 +25,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+import torch
 import zmq
 
 from remp.executor.cut import CutFlags
+from remp.weights.serving_copy import serving_weights
 from remp.executor.messages import (FAULT_ENV, AbortCommand, Aborted, CommitCommand, Committed, ConfirmCommand,
                                     Digest, DigestCommand, Heartbeat, LeaveCommand, Left, PrecopyCommand, Precopied,
                                     PrepareCommand, Prepared, ReformCommand, Reformed, Reply, ShutdownCommand, Started,
@@ -79,6 +81,9 @@ class LocalExecutor:
                  start_timeout_s: float = 180.0, hang_timeout_s: float = 15.0):
         self.pool_size = pool_size
         self.hang_timeout_s = hang_timeout_s
+        # Served in another dtype than the checkpoint's: converted once, here, into shared memory
+        # (remp.weights.serving_copy), so every worker maps the same converted pages.
+        self._weights_path, self._weights_copy = serving_weights(model_path, getattr(torch, dtype))
         self._dir = tempfile.mkdtemp(prefix="remp-")
         os.chmod(self._dir, 0o700)
         self._cut_path = f"{self._dir}/cut"
@@ -135,7 +140,8 @@ class LocalExecutor:
         device = f"cuda:{rank}" if self._device == "cuda" else self._device
         spec = dict(rank=rank, pool_size=self.pool_size, backend=self._backend,
                     cmd_addr=addr, result_addr=self._result_addr, beat_addr=self._beat_addr,
-                    cut_path=self._cut_path, model_path=self._model_path, dtype=self._dtype, device=device)
+                    cut_path=self._cut_path, model_path=self._model_path, weights_path=self._weights_path,
+                    dtype=self._dtype, device=device)
         env = {**env, "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo")}
         self._last_beat[rank] = self._spawned_at[rank] = time.monotonic()
         self._beating.discard(rank)
@@ -523,3 +529,5 @@ class LocalExecutor:
         self._cut_flags.close()
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
+        if self._weights_copy is not None:
+            shutil.rmtree(self._weights_copy, ignore_errors=True)

@@ -6,8 +6,9 @@ tensor rank owns are contiguous, the columns of o/down are strided views that BL
 place. Every worker on a host therefore shares the same page-cache pages, the checkpoint sits
 in host memory once however many workers map it, and building the shard for a new
 (topology, rank) costs no copy, no file read and no other worker (remp.weights.loader puts
-the views in a model's parameters). Copies happen only where a view cannot serve: a serving
-dtype other than the checkpoint's, vocabulary padding, a device other than the CPU.
+the views in a model's parameters). Copies happen only where a view cannot serve: vocabulary
+padding, a device other than the CPU. (A serving dtype other than the checkpoint's is served from
+a converted copy in shared memory, mapped the same way: remp.weights.serving_copy.)
 
 safetensors' own loaders copy every tensor they return, hence the small header reader here;
 the format (8-byte little-endian header length, JSON header, raw data) is its documented spec.
@@ -48,18 +49,30 @@ def _map_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, torch.Tensor]]:
     return mapping, tensors
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    """The safetensors files of the checkpoint in `model_dir` (one, or those its index names)."""
+    root = Path(model_dir)
+    if (root / INDEX).is_file():
+        return sorted(set(json.loads((root / INDEX).read_text())["weight_map"].values()))
+    if (root / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise ModelError(f"no model.safetensors or {INDEX} in {model_dir!r}")
+
+
+def map_file(path: Path) -> tuple[mmap.mmap, dict[str, torch.Tensor]]:
+    """Every tensor of one safetensors file as a view of a private mapping of it."""
+    return _map_safetensors(path)
+
+
 class WeightStore:
     """Named tensors of a (possibly sharded) safetensors checkpoint, mapped into memory."""
 
     def __init__(self, model_dir: str):
         root = Path(model_dir)
-        index = root / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (root / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise ModelError(f"no model.safetensors or model.safetensors.index.json in {model_dir!r}")
+        files = checkpoint_files(model_dir)
         self._tensors: dict[str, torch.Tensor] = {}
         self._spans: list[tuple[int, int]] = []  # address ranges of the mappings
         self._mappings = []

@@ -82,7 +82,7 @@ class Worker:
     from the thread each command belongs to."""
 
     def __init__(self, rank: int, pool_size: int, backend: str, model_path: str, dtype: torch.dtype, device: str,
-                 cut_flags: CutFlags):
+                 cut_flags: CutFlags, weights_path: str | None = None):
         self.rank = rank
         self.pool_size = pool_size
         self.backend = backend
@@ -92,7 +92,7 @@ class Worker:
         self.hf_config = self.model_config.hf_config()
         # Imported now, with the rest of start-up: a standby rank's first layout is built in a switch.
         self.model_class = model_class(self.model_config.architecture)
-        self.store = WeightStore(model_path)
+        self.store = WeightStore(weights_path or model_path)
         self.groups: Groups | None = None  # made when the world forms (the first Reform: joining it)
         self.formation = 0  # of the world this rank is in (ReformCommand.formation); tags its error reports
         self.layout: LayoutState | None = None  # in use; None: standby, or nothing loaded yet
@@ -426,15 +426,16 @@ def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
 
 
 def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_addr: str,
-                beat_addr: str, cut_path: str, model_path: str, dtype: str, device: str) -> None:
-    """Process entry point (dtype is a torch attribute name such as 'float32'): the Worker of
+                beat_addr: str, cut_path: str, model_path: str, weights_path: str, dtype: str, device: str) -> None:
+    """Process entry point (dtype is a torch attribute name such as 'float32'; `weights_path` is the
+    checkpoint in the serving dtype, remp.weights.serving_copy, or `model_path` itself): the Worker of
     `rank`, served by a CommandRouter until a ShutdownCommand or until the engine is gone. A failed
     command is reported and the process lives on; a failed start-up is reported and ends it."""
     use_threads(1)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where is it stuck?
     router = CommandRouter(rank, cmd_addr, result_addr, beat_addr)
     router.serve(lambda: Worker(rank, pool_size, backend, model_path, getattr(torch, dtype), device,
-                                CutFlags(cut_path, pool_size)))
+                                CutFlags(cut_path, pool_size), weights_path))
 
 
 if __name__ == "__main__":
