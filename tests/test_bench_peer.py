@@ -31,7 +31,11 @@ def test_peer_bench_measures_remp_and_reports_a_missing_peer(tiny_gqa, tmp_path,
     assert all(s["outcome"] == "committed" and s["total_s"] >= s["pause_s"] > 0 for s in remp["switches"])
     assert "not found: run scripts/setup_vllm.sh" in result["peer"]["eager"]["error"]
     assert json.loads(out.read_text())["remp"]["load"] == remp["load"]
-    assert "| remp tp1pp1 |" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "| remp tp1pp1 |" in report
+    # The CPU every figure holds for, in the JSON and above the table.
+    host = result["host"]
+    assert host["cpu"] and host["cores"] >= 1 and f"on {host['cpu']}, {host['cores']} cores" in report
 
 
 def test_ratios():

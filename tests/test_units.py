@@ -433,3 +433,15 @@ def test_a_commit_is_undone_by_an_abort_and_kept_by_a_confirm():
         assert worker.layout is None and worker.model is None and worker.kv is None and worker.loaded
     finally:
         use_threads(before)
+
+
+def test_host_info_names_the_cpu_and_its_relevant_flags():
+    from pathlib import Path
+
+    from remp.bench.host import FLAGS, host_info
+
+    info = host_info()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    assert info.cpu in cpuinfo and info.flags == tuple(f for f in FLAGS if f in flags)
+    assert str(info).startswith(f"{info.cpu}, {info.cores} cores")

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
 import signal
 import statistics
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from remp.bench.host import host_info
 from remp.bench.server_process import ServerProcess
 from remp.config import ModelConfig
 from remp.topology import valid_layouts
@@ -246,17 +246,6 @@ def topology(client: httpx.Client, url: str) -> dict:
     return client.get(f"{url}/v1/admin/topology", timeout=60).json()
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     model = ModelConfig.from_pretrained(args.model)
@@ -409,8 +398,10 @@ def _report(args, layouts, outcomes, doubles, faults, requests, health, wedges, 
     recoveries = [f.recovery_s for f in faults if f.recovery_s is not None]
     startup_median = statistics.median(startup) if startup else None
     by_kind = Counter(f"{f.signal} {f.role}" for f in faults)
+    host = host_info()
     return {
-        "cpu": cpu_name(), "cores": os.cpu_count(), "model": args.model, "pool": args.pool, "layouts": layouts,
+        "cpu": host.cpu, "cores": host.cores, "cpu_flags": list(host.flags), "model": args.model, "pool": args.pool,
+        "layouts": layouts,
         "seed": args.seed, "elapsed_s": elapsed, "hang_timeout_s": args.hang_timeout,
         "max_delay_ms": args.max_delay_ms,
         "switches": {"asked": sum(outcomes.values()), "outcomes": dict(outcomes),

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from remp.bench.host import host_info
 from remp.bench.serve import BenchConfig, benchmark, load_tokenizer, sample_random_requests
 from remp.bench.server_process import ServerProcess
 from remp.topology import Topology
@@ -83,6 +84,8 @@ def hf_throughput(model: str, prompts: list[list[int]], output_len: int, batched
 
 def run(args: argparse.Namespace) -> dict:
     rates = [float(r) for r in args.rates.split(",")]
+    host = host_info()
+    print(f"host: {host}", flush=True)
     tokenizer = load_tokenizer(args.model)
     prompts = [r.prompt_ids for r in sample_random_requests(tokenizer, args.num_prompts, args.input_len,
                                                             args.output_len, 0.0, args.seed)]
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> dict:
     print("|---|---|---|")
     for s in summaries:
         print(f"| {s.layout} | {s.startup_s:.1f} | {100 * s.control_plane_share:.2f}% |")
-    result = {"config": vars(args), "hf_single_tok_s": hf_single, "hf_batched_tok_s": hf_batched,
+    print(f"\n(on {host})")
+    result = {"config": vars(args), "host": host.to_dict(), "hf_single_tok_s": hf_single, "hf_batched_tok_s": hf_batched,
               "runs": [asdict(r) for r in runs], "layouts": [asdict(s) for s in summaries]}
     if args.json:
         with open(args.json, "w") as f:

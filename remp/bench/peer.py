@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 
+from remp.bench.host import HostInfo, host_info
 from remp.bench.serve import BenchConfig, benchmark, build_payload, load_tokenizer, sample_random_requests
 from remp.bench.server_process import ServerProcess, launch_to_first_token
 from remp.bench.switch import walk_tour
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     logs = tempfile.mkdtemp(prefix="remp-bench-peer-")
     print(f"server logs in {logs}", flush=True)
     result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "run"},
-                              "remp": run_remp(args, payload, logs), "peer": {}}
+                              "host": host_info().to_dict(), "remp": run_remp(args, payload, logs), "peer": {}}
     for mode in modes:
         peer = run_peer(args, mode, payload, logs)
         if "error" not in peer:
@@ -143,7 +144,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_table(result: dict[str, Any]) -> str:
     remp = result["remp"]
-    lines = ["| engine | launch to first token s | output tok/s | TTFT p50 ms | TPOT p50 ms |",
+    host = result.get("host")
+    lines = [f"on {HostInfo(host['cpu'], host['cores'], tuple(host['flags']))}" if host else "on an unrecorded host",
+             "| engine | launch to first token s | output tok/s | TTFT p50 ms | TPOT p50 ms |",
              "|---|---|---|---|---|"]
 
     def row(name: str, r: dict[str, Any]) -> str:

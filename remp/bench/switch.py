@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from remp.bench.host import host_info
 from remp.bench.metrics import RequestRecord
 from remp.bench.serve import (COMPLETIONS, REQUEST_TIMEOUT_S, BenchConfig, build_payload, load_tokenizer,
                               sample_random_requests, send_request)
@@ -395,8 +396,11 @@ def run(args: argparse.Namespace) -> dict:
     names = [str(layout) for layout in layouts]
     if args.heatmap:
         write_heatmap(rows, names, args.heatmap)
+    host = host_info()
+    print(f"\n(on {host})")
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "api_key"},
+        "host": host.to_dict(),
         "layouts": names,
         "tour": [str(t) for t in tour],
         "bandwidth_bytes_per_s": {str(size): rate for size, rate in bandwidth.bytes_per_s.items()},
