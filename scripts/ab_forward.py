@@ -1,14 +1,16 @@
 """Decode-step forward time of one rank's model at tp1pp1, in-process, for the code it is run from:
 the StageModel of revisions before the nn.Module layers, or the nn.Module model after them.
-    cd WORKTREE && PYTHONPATH=$PWD /path/to/.venv/bin/python /path/to/scripts/ab_forward.py MODEL_DIR BATCH
-Runs 40 decode steps of BATCH sequences at a 128-token context (2 threads) and prints the median
-of the last 35. Alternate it between two worktrees to compare them."""
+    cd WORKTREE && PYTHONPATH=$PWD /path/to/.venv/bin/python /path/to/scripts/ab_forward.py MODEL_DIR BATCH [CONTEXT]
+Runs decode steps of BATCH sequences at a CONTEXT-token context (default 128; 2 threads) and prints
+the median step time. Alternate it between two worktrees to compare them, or vary CONTEXT to see
+how a decode step grows with the cache it reads."""
 import statistics, sys, time, torch
 from remp.config import ModelConfig
 from remp.kv.cache import KVCache
 from remp.topology import Topology
 from remp.weights.store import WeightStore
-path = sys.argv[1]; B = int(sys.argv[2]); CTX = 128
+path = sys.argv[1]; B = int(sys.argv[2]); CTX = int(sys.argv[3]) if len(sys.argv) > 3 else 128
+STEPS = 40 if CTX <= 512 else 12
 torch.set_num_threads(2)
 cfg = ModelConfig.from_pretrained(path); hf = cfg.hf_config(); store = WeightStore(path); topo = Topology(1, 1)
 try:
@@ -37,6 +39,6 @@ def batch():
                  block_size=bs, q_lens=[1] * B, starts=pos, block_tables=tables, device=torch.device("cpu"))
 times = []
 with torch.no_grad():
-    for i in range(40):
+    for i in range(STEPS):
         b = batch(); t0 = time.perf_counter(); fwd(b, kv); times.append(time.perf_counter() - t0)
-print(which, B, f"median {1e3*statistics.median(times[5:]):.2f} ms")
+print(which, f"batch {B} context {CTX}: median {1e3*statistics.median(times[STEPS // 4:]):.2f} ms")
