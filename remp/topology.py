@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from remp.config import ModelConfig
+if TYPE_CHECKING:  # read for its sizes only: the topology needs neither torch nor transformers
+    from remp.config import ModelConfig
 
 
 class TopologyError(ValueError):

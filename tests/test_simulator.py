@@ -150,10 +150,11 @@ def test_simulate_cli(tmp_path, capsys):
 
 
 def test_the_simulator_needs_none_of_the_servers_dependencies():
-    """`remp simulate` runs where only the standard library is installed: the simulator, its
-    workloads and metrics import no HTTP client, tokenizer, numpy or torch. In a fresh
+    """The simulator runs where only the standard library is installed: it, the policy that drives
+    it, its workloads and metrics import no HTTP client, tokenizer, numpy or torch. In a fresh
     interpreter, since this test session has imported all of them already."""
-    code = ("import sys, remp.sim.simulator, remp.bench.metrics, remp.bench.workload, remp.engine.admission; "
+    code = ("import sys, remp.sim.simulator, remp.policy.policy, remp.bench.metrics, remp.bench.workload, "
+            "remp.engine.admission; "
             "print([m for m in ('aiohttp', 'transformers', 'numpy', 'torch') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -6,8 +6,10 @@ on first use, so reading a config (the engine, the CLI) does not import the mode
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "remp.models.llama:LlamaForCausalLM",
