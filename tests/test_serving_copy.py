@@ -41,3 +41,31 @@ def test_copies_of_engines_that_no_longer_run_are_removed(tmp_path):
         d.mkdir()
     remove_orphans(tmp_path)
     assert not orphan.exists() and mine.exists() and other.exists()
+
+
+def test_a_checkpoint_of_mixed_dtypes_is_converted_whole(tmp_path):
+    """A tensor already in the serving dtype is copied too, not left a view of the source file's
+    mapping (which is closed before the copy is written)."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "mixed"
+    src.mkdir()
+    tensors = {"a": torch.randn(64, 64, dtype=torch.bfloat16), "b": torch.randn(64, 64),
+               "ids": torch.arange(10, dtype=torch.int64)}
+    save_file(tensors, src / "model.safetensors")
+    path, copy = serving_weights(str(src), torch.bfloat16)
+    try:
+        store = WeightStore(path)
+        assert torch.equal(store.full("a"), tensors["a"]) and torch.equal(store.full("b"), tensors["b"].bfloat16())
+        assert torch.equal(store.full("ids"), tensors["ids"])
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_a_copy_too_big_for_shared_memory_goes_to_the_temporary_directory():
+    import tempfile
+
+    from remp.weights.serving_copy import SHARED_MEMORY, copy_root
+    assert copy_root(1) == (SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir()))
+    assert copy_root(shutil.disk_usage(SHARED_MEMORY).free if SHARED_MEMORY.is_dir() else 1) == \
+        Path(tempfile.gettempdir())

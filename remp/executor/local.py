@@ -84,17 +84,11 @@ class LocalExecutor:
         # Served in another dtype than the checkpoint's: converted once, here, into shared memory
         # (remp.weights.serving_copy), so every worker maps the same converted pages.
         self._weights_path, self._weights_copy = serving_weights(model_path, getattr(torch, dtype))
-        self._dir = tempfile.mkdtemp(prefix="remp-")
-        os.chmod(self._dir, 0o700)
-        self._cut_path = f"{self._dir}/cut"
-        self._cut_flags = CutFlags(self._cut_path, pool_size, create=True)
-        self._ctx = zmq.Context()
-        self._results = self._ctx.socket(zmq.PULL)
-        self._result_addr = f"ipc://{self._dir}/results"
-        self._results.bind(self._result_addr)
-        self._beats = self._ctx.socket(zmq.PULL)
-        self._beat_addr = f"ipc://{self._dir}/beats"
-        self._beats.bind(self._beat_addr)
+        try:
+            self._open(pool_size)
+        except BaseException:
+            self._remove_weights_copy()
+            raise
         self._backend = "nccl" if device.startswith("cuda") else "gloo"
         self._model_path, self._dtype, self._device = model_path, dtype, device
         self._generation = itertools.count()
@@ -120,6 +114,25 @@ class LocalExecutor:
         except BaseException:
             self.shutdown()
             raise
+
+    def _open(self, pool_size: int) -> None:
+        """The private directory, the cut flags and the sockets workers answer on."""
+        self._dir = tempfile.mkdtemp(prefix="remp-")
+        os.chmod(self._dir, 0o700)
+        self._cut_path = f"{self._dir}/cut"
+        self._cut_flags = CutFlags(self._cut_path, pool_size, create=True)
+        self._ctx = zmq.Context()
+        self._results = self._ctx.socket(zmq.PULL)
+        self._result_addr = f"ipc://{self._dir}/results"
+        self._results.bind(self._result_addr)
+        self._beats = self._ctx.socket(zmq.PULL)
+        self._beat_addr = f"ipc://{self._dir}/beats"
+        self._beats.bind(self._beat_addr)
+
+    def _remove_weights_copy(self) -> None:
+        if self._weights_copy is not None:
+            shutil.rmtree(self._weights_copy, ignore_errors=True)
+            self._weights_copy = None
 
     def _new_store(self) -> str:
         """A fresh rendezvous for a (re-)formed world: a file store in the private directory (a TCP
@@ -507,27 +520,28 @@ class LocalExecutor:
         return self._early.pop(step_id)
 
     def shutdown(self) -> None:
-        data = encode(ShutdownCommand())
-        live = [(p, c) for p, c in zip(self.procs, self._cmds) if p is not None]
-        for proc, sock in live:
-            if proc.poll() is None:
+        try:
+            data = encode(ShutdownCommand())
+            live = [(p, c) for p, c in zip(self.procs, self._cmds) if p is not None]
+            for proc, sock in live:
+                if proc.poll() is None:
+                    try:
+                        sock.send(data, zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+            for proc, _ in live:
                 try:
-                    sock.send(data, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-        for proc, _ in live:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        for sock in self._cmds:
-            if sock is not None:
-                sock.close(linger=0)
-        self._results.close(linger=0)
-        self._beats.close(linger=0)
-        self._cut_flags.close()
-        self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
-        if self._weights_copy is not None:
-            shutil.rmtree(self._weights_copy, ignore_errors=True)
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+            for sock in self._cmds:
+                if sock is not None:
+                    sock.close(linger=0)
+            self._results.close(linger=0)
+            self._beats.close(linger=0)
+            self._cut_flags.close()
+            self._ctx.term()
+            shutil.rmtree(self._dir, ignore_errors=True)
+        finally:
+            self._remove_weights_copy()

@@ -73,6 +73,12 @@ class ParallelContext:
                                f"(built outside a worker pool, or its world was left)")
         return self.tp_group
 
+    def _pp(self) -> dist.ProcessGroup:
+        if self._pipeline is None:
+            raise RuntimeError(f"rank {self.rank} has no pipeline group under {self.topo} "
+                               f"(built outside a worker pool, or its world was left)")
+        return self._pipeline
+
     # the cut check
     def begin_step(self, step_id: int) -> None:
         """The checks from now on ask whether step `step_id` is cut."""
@@ -127,7 +133,7 @@ class ParallelContext:
         """The hidden state [num_tokens, hidden_size] from the same tensor rank of the previous
         stage; StepCut if that stage cut the step (the message's last element)."""
         message = torch.empty(num_tokens * hidden_size + 1, dtype=dtype, device=self.device)
-        dist.recv(message, src=self.topo.rank(self.stage - 1, self.tp_rank), group=self._pipeline)
+        dist.recv(message, src=self.topo.rank(self.stage - 1, self.tp_rank), group=self._pp())
         # Where cuts are off the flag is never read: no host read of a device tensor per step.
         if self.checks_cuts and message[-1].item() > 0:
             raise StepCut
@@ -140,4 +146,4 @@ class ParallelContext:
         body = hidden if hidden is not None else torch.zeros(num_tokens * hidden_size, dtype=dtype,
                                                              device=self.device)
         message = with_cut_flag(body, hidden is None)
-        return dist.isend(message, dst=self.topo.rank(self.stage + 1, self.tp_rank), group=self._pipeline)
+        return dist.isend(message, dst=self.topo.rank(self.stage + 1, self.tp_rank), group=self._pp())

@@ -5,7 +5,8 @@ worker would convert its shard for itself: a copy per worker, and another at eve
 changes a rank's slices. Instead the engine converts the checkpoint once, before the workers
 start, into a safetensors copy in host shared memory (/dev/shm where there is one), and the
 workers map that copy: a shard is again a set of views, every worker shares the same pages, and
-a switch copies no weight. Floating-point tensors are converted (`Tensor.to`, as a worker would);
+a switch copies no weight. (Where /dev/shm cannot hold the copy, as in a container with a small
+one, it is written to the temporary directory instead: a file the workers map all the same.) Floating-point tensors are converted (`Tensor.to`, as a worker would);
 others are written as they are.
 
 The copy belongs to one engine: it is made in a directory named after the engine's process and
@@ -48,7 +49,8 @@ def write_serving_copy(model_dir: str, dtype: torch.dtype, out_dir: Path) -> Non
     for name in checkpoint_files(model_dir):
         mapping, tensors = map_file(Path(model_dir, name))
         try:
-            converted = {k: t.to(dtype) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
+            # copy=True: a tensor already in `dtype` must not stay a view of a mapping closed below.
+            converted = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
         finally:
             del tensors
             mapping.close()
@@ -63,9 +65,8 @@ def serving_weights(model_dir: str, dtype: torch.dtype) -> tuple[str, Path | Non
     when the checkpoint is already in `dtype`: the workers map it where it is)."""
     if not needs_copy(model_dir, dtype):
         return model_dir, None
-    root = SHARED_MEMORY if SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK) else None
-    if root is not None:
-        remove_orphans(root)
+    root = copy_root(_converted_bytes(model_dir, dtype))
+    remove_orphans(root)
     out = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
     try:
         write_serving_copy(model_dir, dtype, out)
@@ -73,6 +74,26 @@ def serving_weights(model_dir: str, dtype: torch.dtype) -> tuple[str, Path | Non
         shutil.rmtree(out, ignore_errors=True)
         raise
     return str(out), out
+
+
+def copy_root(size: int) -> Path:
+    """Host shared memory when it can hold `size` bytes with room to spare (a container's /dev/shm
+    may be small), else the temporary directory (a disk file, in the page cache all the same)."""
+    if SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK) \
+            and shutil.disk_usage(SHARED_MEMORY).free > 1.25 * size:
+        return SHARED_MEMORY
+    return Path(tempfile.gettempdir())
+
+
+def _converted_bytes(model_dir: str, dtype: torch.dtype) -> int:
+    total = 0
+    for name in checkpoint_files(model_dir):
+        mapping, tensors = map_file(Path(model_dir, name))
+        total += sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                     for t in tensors.values())
+        del tensors
+        mapping.close()
+    return total
 
 
 def remove_orphans(root: Path) -> None:
