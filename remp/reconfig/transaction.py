@@ -67,7 +67,9 @@ class ReconfigResult:
     preempted_request_ids: list[str] = field(default_factory=list)
     replaced_ranks: list[int] = field(default_factory=list)  # workers lost during the switch and restarted
     # Of "prepare", what the slowest worker spent on each part of building the target:
-    # groups (first use of a layout only), shard, model, kv.
+    # groups (the model's ParallelContext taking its groups, formed with the world), model
+    # (building the modules), shard (putting the weights in place), kv. A model built before for
+    # the layout is taken as it is: groups, model and shard are then 0.
     build_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -30,17 +30,20 @@ SHARED_MEMORY = Path("/dev/shm")
 PREFIX = "remp-weights-"
 
 
-def needs_copy(model_dir: str, dtype: torch.dtype) -> bool:
-    """Whether some floating-point tensor of the checkpoint is not in `dtype`."""
+def copy_bytes(model_dir: str, dtype: torch.dtype) -> int:
+    """The size of the checkpoint converted to `dtype`, or 0 when every floating-point tensor is in
+    `dtype` already (no copy is needed). Reads the files' headers only."""
+    total, differs = 0, False
     for name in checkpoint_files(model_dir):
         mapping, tensors = map_file(Path(model_dir, name))
         try:
-            if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
-                return True
+            differs = differs or any(t.is_floating_point() and t.dtype != dtype for t in tensors.values())
+            total += sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                         for t in tensors.values())
         finally:
             del tensors
             mapping.close()
-    return False
+    return total if differs else 0
 
 
 def write_serving_copy(model_dir: str, dtype: torch.dtype, out_dir: Path) -> None:
@@ -63,9 +66,10 @@ def write_serving_copy(model_dir: str, dtype: torch.dtype, out_dir: Path) -> Non
 def serving_weights(model_dir: str, dtype: torch.dtype) -> tuple[str, Path | None]:
     """The directory the workers map the weights from, and the copy to remove at shutdown (None
     when the checkpoint is already in `dtype`: the workers map it where it is)."""
-    if not needs_copy(model_dir, dtype):
+    size = copy_bytes(model_dir, dtype)
+    if not size:
         return model_dir, None
-    root = copy_root(_converted_bytes(model_dir, dtype))
+    root = copy_root(size)
     remove_orphans(root)
     out = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
     try:
@@ -83,17 +87,6 @@ def copy_root(size: int) -> Path:
             and shutil.disk_usage(SHARED_MEMORY).free > 1.25 * size:
         return SHARED_MEMORY
     return Path(tempfile.gettempdir())
-
-
-def _converted_bytes(model_dir: str, dtype: torch.dtype) -> int:
-    total = 0
-    for name in checkpoint_files(model_dir):
-        mapping, tensors = map_file(Path(model_dir, name))
-        total += sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
-                     for t in tensors.values())
-        del tensors
-        mapping.close()
-    return total
 
 
 def remove_orphans(root: Path) -> None:

@@ -124,9 +124,7 @@ class Worker:
         """Build the target layout beside the steps that keep coming: this rank's model, its
         weights as views of the weight store (or the model built for this layout before, in this
         world), and its KV cache (layers in place are shared). The groups were formed with the world."""
-        t0 = time.perf_counter()
         topo = Topology(cmd.tp, cmd.pp)
-        t_groups = time.perf_counter()
         self.target = None
         self.block_size = cmd.block_size
         if self.loaded:
@@ -134,9 +132,11 @@ class Worker:
         if topo.coords(self.rank) is None:
             return Prepared(self.rank, cmd.switch_id, standby=True)
         model, copied = self._built.get(topo), []
-        t_model = t_shard = time.perf_counter()
+        t0 = t_groups = t_model = t_shard = time.perf_counter()
         if model is None:
-            model = self._construct(topo)
+            ctx = ParallelContext(topo, self.rank, self.groups, self.cut_flags, self.device)
+            t_groups = time.perf_counter()
+            model = self.model_class(self.model_config, ctx, self.hf_config)
             t_model = time.perf_counter()
             copied = self._load(model)
             t_shard = time.perf_counter()
@@ -148,11 +148,6 @@ class Worker:
                         weight_bytes=sum(w.numel() * w.element_size() for w in copied),
                         build=BuildTimes(groups=t_groups - t0, shard=t_shard - t_model, model=t_model - t_groups,
                                          kv=t_kv - t_shard))
-
-    def _construct(self, topo: Topology) -> nn.Module:
-        """This rank's model under `topo`, its parameters still placeholders."""
-        ctx = ParallelContext(topo, self.rank, self.groups, self.cut_flags, self.device)
-        return self.model_class(self.model_config, ctx, self.hf_config)
 
     def _load(self, model: nn.Module) -> list[torch.Tensor]:
         """Put `model`'s weights in place, taking over the tensors of the model in use where the
