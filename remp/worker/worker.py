@@ -31,6 +31,7 @@ from remp.executor.cut import CutFlags
 from remp.executor.messages import (FAULT_ENV, Aborted, BuildTimes, CommitCommand, Committed, Digest,
                                     DigestCommand, LeaveCommand, Left, PrecopyCommand, Precopied, PrepareCommand,
                                     Prepared, ReformCommand, Reformed, SeqWork, StepCommand, StepResult)
+from remp.kernels import paged_attention
 from remp.kv.cache import KVCache
 from remp.kv.migration import KVTransfer
 from remp.layers.batch import Batch
@@ -92,6 +93,8 @@ class Worker:
         self.hf_config = self.model_config.hf_config()
         # Imported now, with the rest of start-up: a standby rank's first layout is built in a switch.
         self.model_class = model_class(self.model_config.architecture)
+        if self.device.type == "cpu":
+            paged_attention.load()  # likewise; built by scripts/setup.sh, else here, once per machine
         self.store = WeightStore(weights_path or model_path)
         self.groups: Groups | None = None  # made when the world forms (the first Reform: joining it)
         self.formation = 0  # of the world this rank is in (ReformCommand.formation); tags its error reports

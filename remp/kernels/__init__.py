@@ -1,0 +1,1 @@
+"""Compute kernels remp builds itself where no maintained one fits (see each module)."""
