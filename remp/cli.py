@@ -134,7 +134,13 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context length (default: the model's, at most 4096)")
     parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="serving dtype; auto: bfloat16 on CPUs with native bfloat16 (AVX512-BF16 or AMX), "
+                             "float32 on other CPUs; on GPUs the checkpoint's 16-bit dtype, else bfloat16")
+    parser.add_argument("--pack-weights", action=argparse.BooleanOptionalAction, default=None,
+                        help="pack linear weights for oneDNN (bfloat16 on CPU): faster matmuls, but each "
+                             "worker holds its shard as its own copy, made in every switch's prepare; "
+                             "default: on for bfloat16 on CPUs with native bfloat16")
     parser.add_argument("--kv-cache-space", type=float, default=1.0, help="KV cache GiB per worker")
     parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (overrides --kv-cache-space)")
     parser.add_argument("--threads-per-worker", type=int, help="default: cores / active workers")
@@ -157,6 +163,7 @@ def _engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         dtype=args.dtype,
+        pack_weights=args.pack_weights,
         kv_cache_space_gb=args.kv_cache_space,
         num_kv_blocks=args.num_kv_blocks,
         threads_per_worker=args.threads_per_worker,

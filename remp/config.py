@@ -87,16 +87,48 @@ class ModelConfig:
         return AutoConfig.from_pretrained(self.path)
 
 
-def resolve_dtype(name: str, model: ModelConfig, device: str) -> torch.dtype:
-    """'auto' means the checkpoint's dtype on GPU and float32 on CPU, where half-precision
-    matmuls are slow on most processors."""
+DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matmuls run natively (oneDNN), at twice float32's rate or more."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(name: str, model: ModelConfig, device: str) -> tuple[torch.dtype, str]:
+    """The serving dtype for `--dtype NAME`, and why. 'auto', as vLLM's CPU and GPU builds choose:
+    bfloat16 on CPUs with native bfloat16 (AVX512-BF16 or AMX), float32 on other CPUs (emulated
+    bfloat16 is slower than float32 there); on GPUs the checkpoint's dtype when it is a 16-bit
+    one, else bfloat16."""
     if name == "auto":
-        name = model.torch_dtype if device != "cpu" else "float32"
-    table = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(table)}")
-    return table[name]
+        if device == "cpu":
+            if cpu_has_native_bf16():
+                return torch.bfloat16, "auto: the CPU has native bfloat16 (AVX512-BF16/AMX)"
+            return torch.float32, "auto: the CPU has no native bfloat16"
+        if model.torch_dtype in ("float16", "bfloat16"):
+            return DTYPES[model.torch_dtype], f"auto: the checkpoint's dtype on {device}"
+        return torch.bfloat16, f"auto: a {model.torch_dtype} checkpoint on {device}"
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name], "asked for"
+
+
+def resolve_pack_weights(asked: bool | None, dtype: torch.dtype, device: str) -> tuple[bool, str]:
+    """Whether workers pack their linear weights for oneDNN (remp.layers.packed), and why. Unasked:
+    where it pays, bfloat16 on a CPU with native bfloat16. Packing copies each shard into the
+    worker's own memory (in a switch's prepare); unpacked, every weight stays a view of the shared
+    store and a switch copies no weight bytes."""
+    from remp.layers.packed import packing_works
+
+    possible = device == "cpu" and dtype == torch.bfloat16 and packing_works()
+    if asked and not possible:
+        raise ValueError("--pack-weights needs --dtype bfloat16 on a CPU where oneDNN runs packed bfloat16 linears")
+    if asked is not None:
+        return asked, "asked for"
+    if possible and cpu_has_native_bf16():
+        return True, "auto: bfloat16 on a CPU with native bfloat16"
+    return False, "auto: packing pays only for bfloat16 on a CPU with native bfloat16"
 
 
 @dataclass
@@ -112,6 +144,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len)
     block_size: int = 16
     dtype: str = "auto"
+    pack_weights: bool | None = None  # default: where it pays (resolve_pack_weights)
     device: str = "cpu"
     kv_cache_space_gb: float = 1.0  # KV memory per worker
     num_kv_blocks: int | None = None  # override the number derived from kv_cache_space_gb

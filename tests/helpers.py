@@ -69,8 +69,10 @@ def remp_server(model: str, log_path: Path, *extra: str) -> Iterator[str]:
     expect a clean exit (SIGKILL to its whole session if it hangs, so no worker outlives
     the test)."""
     port = free_port()
+    # float32: the tests compare tokens with transformers' float32 and across layouts (`auto` is
+    # bfloat16 on CPUs with native bfloat16); a test may pass its own --dtype in `extra`.
     cmd = remp("serve", model, "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
-               "--num-kv-blocks", "128", "--threads-per-worker", "1", *extra)
+               "--num-kv-blocks", "128", "--threads-per-worker", "1", "--dtype", "float32", *extra)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -33,9 +33,39 @@ def hf(tiny_gqa):
 @pytest.fixture(scope="module")
 def engine(tiny_gqa):
     eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=4, max_model_len=128, block_size=4,
-                                 dtype="bfloat16"))
+                                 dtype="bfloat16", pack_weights=False))
     yield eng
     eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def packed_engine(tiny_gqa):
+    from remp.layers.packed import packing_works
+
+    if not packing_works():
+        pytest.skip("oneDNN cannot pack bfloat16 linears on this CPU")
+    eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=4, max_model_len=128, block_size=4,
+                                 dtype="bfloat16", pack_weights=True))
+    yield eng
+    eng.shutdown()
+
+
+def generate(engine: LLMEngine, tag: str) -> list[list[int]]:
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"{tag}-{i}", p, params)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return [(done[f"{tag}-{i}"].token_ids, done[f"{tag}-{i}"].logprobs) for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("layout", [Topology(1, 1), Topology(2, 1), Topology(1, 2), Topology(2, 2)], ids=str)
+def test_weights_packed_for_onednn_give_the_same_tokens_and_logprobs(engine, packed_engine, layout):
+    """Packed (q/k/v and gate/up fused) linears compute what the unpacked views compute, to the bit."""
+    engine.reconfigure(layout, lambda outs: None)
+    packed_engine.reconfigure(layout, lambda outs: None)
+    assert generate(packed_engine, f"packed-{layout}") == generate(engine, f"views-{layout}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)

@@ -33,7 +33,7 @@ def test_capital_of_france_matches_transformers_under_tp3_and_pp4(bundled):
     hf = AutoModelForCausalLM.from_pretrained(bundled, dtype=torch.float32)
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(prompt):].tolist()
     del hf
-    engine = LLMEngine(EngineConfig(model=bundled, worker_pool_size=4, max_model_len=256, kv_cache_space_gb=0.1))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=bundled, worker_pool_size=4, max_model_len=256, kv_cache_space_gb=0.1))
     try:
         for tp, pp in [(3, 1), (1, 4)]:
             engine.reconfigure(Topology(tp, pp), lambda outs: None)

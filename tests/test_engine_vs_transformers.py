@@ -43,7 +43,7 @@ def reference(tiny_gqa):
 
 @pytest.fixture(scope="module")
 def engine(tiny_gqa):
-    eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=4, max_model_len=256, max_num_seqs=8))
+    eng = LLMEngine(EngineConfig(dtype="float32", model=tiny_gqa, worker_pool_size=4, max_model_len=256, max_num_seqs=8))
     yield eng
     eng.shutdown()
 
@@ -84,7 +84,7 @@ def test_sampled_requests_repeat_with_seed_across_layouts(engine):
 def test_preemption_by_recompute_keeps_tokens(tiny_gqa, reference):
     # 4 blocks of 16 tokens: the 4 prompts (5/3/41/7 tokens + 10 new) cannot all fit, so some
     # requests are preempted and recomputed; their tokens must not change.
-    eng = LLMEngine(EngineConfig(model=tiny_gqa, worker_pool_size=1, max_model_len=64, num_kv_blocks=4,
+    eng = LLMEngine(EngineConfig(dtype="float32", model=tiny_gqa, worker_pool_size=1, max_model_len=64, num_kv_blocks=4,
                                  max_num_seqs=8))
     try:
         outs = run(eng, PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
@@ -100,7 +100,7 @@ def test_qwen2_bias_and_tied_embeddings(tiny_qwen2):
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
     refs = [hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
                         eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
-    eng = LLMEngine(EngineConfig(model=tiny_qwen2, tensor_parallel_size=2, pipeline_parallel_size=2,
+    eng = LLMEngine(EngineConfig(dtype="float32", model=tiny_qwen2, tensor_parallel_size=2, pipeline_parallel_size=2,
                                  max_model_len=128))
     try:
         outs = run(eng, PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))

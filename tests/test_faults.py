@@ -70,7 +70,7 @@ def run_batch(engine: LLMEngine, tag: str, switch_to: Topology | None = None):
 def test_lost_worker_mid_switch_rolls_back_and_is_replaced(tiny_gqa, reference, monkeypatch, phase, rank, action,
                                                            loses_kv):
     monkeypatch.setenv(FAULT_ENV, f"{phase}:{rank}:{action}")
-    engine = LLMEngine(EngineConfig(model=tiny_gqa, tensor_parallel_size=1, pipeline_parallel_size=2,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=tiny_gqa, tensor_parallel_size=1, pipeline_parallel_size=2,
                                     worker_pool_size=4, max_model_len=128, block_size=4,
                                     worker_hang_timeout_s=HANG_TIMEOUT_S))
     try:

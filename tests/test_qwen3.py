@@ -22,7 +22,7 @@ def reference(tiny_qwen3):
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3):
-    eng = LLMEngine(EngineConfig(model=tiny_qwen3, worker_pool_size=2, max_model_len=128, block_size=4))
+    eng = LLMEngine(EngineConfig(dtype="float32", model=tiny_qwen3, worker_pool_size=2, max_model_len=128, block_size=4))
     yield eng
     eng.shutdown()
 

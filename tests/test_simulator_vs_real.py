@@ -42,7 +42,7 @@ TRACE = dict(trace=str(sample_trace_path()), trace_time_scale=2.0, trace_length_
 
 
 def profile_tp1pp1(model: str) -> Profile:
-    return profile_model(EngineConfig(model=model, worker_pool_size=1, max_model_len=MAX_MODEL_LEN,
+    return profile_model(EngineConfig(dtype="float32", model=model, worker_pool_size=1, max_model_len=MAX_MODEL_LEN,
                                       num_kv_blocks=NUM_KV_BLOCKS, threads_per_worker=1),
                          layouts=[Topology(1, 1)], batch_sizes=[1, 4, 16], context_lens=[32, 128],
                          prefill_tokens=[16, 128, 512], progress=False)

@@ -50,17 +50,47 @@ def test_topology_validation(cfg, tp, pp, pool, reason):
         Topology(tp, pp).validate(cfg, pool)
 
 
+TINY_FIELDS = dict(path="", architecture="LlamaForCausalLM", vocab_size=10, hidden_size=12, intermediate_size=8,
+                   num_layers=2, num_heads=12, num_kv_heads=4, head_dim=1, rms_norm_eps=1e-6,
+                   tie_word_embeddings=False, attention_bias=False, max_position_embeddings=8, torch_dtype="float32",
+                   eos_token_ids=())
+
+
 def test_kv_head_divisibility_rule():
     import dataclasses
-    base = dict(path="", architecture="LlamaForCausalLM", vocab_size=10, hidden_size=12, intermediate_size=8,
-                num_layers=2, num_heads=12, num_kv_heads=4, head_dim=1, rms_norm_eps=1e-6,
-                tie_word_embeddings=False, attention_bias=False, max_position_embeddings=8, torch_dtype="float32",
-                eos_token_ids=())
-    m = ModelConfig(**base)
+    m = ModelConfig(**TINY_FIELDS)
     Topology(2, 1).validate(m, 8)
     Topology(12, 1).validate(m, 12)
     with pytest.raises(TopologyError, match="divide or be a multiple"):
         Topology(6, 1).validate(dataclasses.replace(m, num_kv_heads=4), 8)
+
+
+@pytest.mark.parametrize("native,device,checkpoint,expected", [
+    (True, "cpu", "float32", torch.bfloat16),
+    (False, "cpu", "float32", torch.float32),
+    (False, "cpu", "bfloat16", torch.float32),
+    (False, "cuda", "float16", torch.float16),
+    (False, "cuda", "float32", torch.bfloat16),
+])
+def test_auto_dtype_is_bfloat16_where_the_hardware_has_it(monkeypatch, native, device, checkpoint, expected):
+    import dataclasses
+
+    from remp import config
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    m = dataclasses.replace(ModelConfig(**TINY_FIELDS), torch_dtype=checkpoint)
+    dtype, why = config.resolve_dtype("auto", m, device)
+    assert dtype == expected and why.startswith("auto")
+    assert config.resolve_dtype("float32", m, device) == (torch.float32, "asked for")
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        config.resolve_dtype("int8", m, device)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from remp.config import cpu_has_native_bf16
+
+    flags = open("/proc/cpuinfo").read().split()
+    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
 
 
 def test_block_manager():

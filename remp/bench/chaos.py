@@ -255,7 +255,9 @@ def run(args: argparse.Namespace) -> int:
     server = ServerProcess(args.model, [
         "--served-model-name", MODEL_NAME, "--worker-pool-size", str(args.pool), "--max-model-len", "256",
         "--num-kv-blocks", "256", "--block-size", "4", "--threads-per-worker", "1",
-        "--worker-hang-timeout", str(args.hang_timeout)], log_path=args.server_log)
+        # float32: every text is checked against one reference whatever layout served it, and
+        # float32 greedy tokens do not depend on the layout (bfloat16's may, where logits tie)
+        "--dtype", "float32", "--worker-hang-timeout", str(args.hang_timeout)], log_path=args.server_log)
     server.start()
     url = server.base_url
     client = httpx.Client(timeout=SWITCH_TIMEOUT_S)

@@ -7,13 +7,14 @@ applies stop conditions and frees finished requests' blocks.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from remp.config import EngineConfig, ModelConfig, resolve_dtype
+from remp.config import EngineConfig, ModelConfig, resolve_dtype, resolve_pack_weights
 from remp.engine.detokenizer import DetokState, Detokenizer
 from remp.engine.outputs import RequestMetrics, RequestOutput
 from remp.engine.sampling import SamplingParams
@@ -24,6 +25,8 @@ from remp.kv.blocks import BlockManager
 from remp.kv.cache import blocks_for_budget
 from remp.reconfig.transaction import ReconfigResult, run_transaction
 from remp.topology import Topology
+
+log = logging.getLogger("remp.engine")
 
 
 @dataclass
@@ -73,7 +76,11 @@ class LLMEngine:
                              f"max_position_embeddings {self.model_config.max_position_embeddings}")
         self.max_num_batched_tokens = max(config.max_num_batched_tokens or 2048, self.max_model_len)
         self.served_model_name = config.served_model_name or config.model
-        self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
+        dtype, why = resolve_dtype(config.dtype, self.model_config, config.device)
+        self.dtype = dtype
+        self.pack_weights, why_pack = resolve_pack_weights(config.pack_weights, self.dtype, config.device)
+        log.info("serving in %s (%s); linear weights %s (%s)", str(self.dtype).removeprefix("torch."), why,
+                 "packed for oneDNN" if self.pack_weights else "views of the weight store", why_pack)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -81,7 +88,8 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         num_blocks = self.num_blocks_for(topo)
         self.executor = LocalExecutor(config.model, config.pool_size, str(self.dtype).removeprefix("torch."),
-                                      config.device, hang_timeout_s=config.worker_hang_timeout_s)
+                                      config.device, hang_timeout_s=config.worker_hang_timeout_s,
+                                      pack_weights=self.pack_weights)
         try:
             self.executor.load(topo, num_blocks, config.block_size, self.threads_for(topo))
         except BaseException:

@@ -78,7 +78,7 @@ class LocalExecutor:
     """One worker process per pool rank on this host, the engine's only way to reach them."""
 
     def __init__(self, model_path: str, pool_size: int, dtype: str, device: str = "cpu",
-                 start_timeout_s: float = 180.0, hang_timeout_s: float = 15.0):
+                 start_timeout_s: float = 180.0, hang_timeout_s: float = 15.0, pack_weights: bool = False):
         self.pool_size = pool_size
         self.hang_timeout_s = hang_timeout_s
         # Served in another dtype than the checkpoint's: converted once, here, into shared memory
@@ -91,6 +91,7 @@ class LocalExecutor:
             raise
         self._backend = "nccl" if device.startswith("cuda") else "gloo"
         self._model_path, self._dtype, self._device = model_path, dtype, device
+        self._pack_weights = pack_weights
         self._generation = itertools.count()
         self.procs: list[subprocess.Popen] = [None] * pool_size
         self._cmds: list[zmq.Socket] = [None] * pool_size
@@ -154,7 +155,7 @@ class LocalExecutor:
         spec = dict(rank=rank, pool_size=self.pool_size, backend=self._backend,
                     cmd_addr=addr, result_addr=self._result_addr, beat_addr=self._beat_addr,
                     cut_path=self._cut_path, model_path=self._model_path, weights_path=self._weights_path,
-                    dtype=self._dtype, device=device)
+                    dtype=self._dtype, device=device, pack_weights=self._pack_weights)
         env = {**env, "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo")}
         self._last_beat[rank] = self._spawned_at[rank] = time.monotonic()
         self._beating.discard(rank)

@@ -169,7 +169,7 @@ class Prepared:
     rank: int
     switch: int
     standby: bool
-    weight_bytes: int = 0  # copied into the shard (0 where a shard is a view of the mapping)
+    weight_bytes: int = 0  # copied or packed into the shard (0 where a shard is a view of the mapping)
     build: BuildTimes | None = None  # None on a standby rank: nothing was built
 
 

@@ -25,7 +25,10 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffast-math lets gcc vectorise the softmax's exp (glibc's libmvec) and the dot products' sums:
+# 0.40 -> 0.23 ms for 32 decodes at a 128-token context. It is a compile flag only: torch's
+# builder links without it, so no crtfastmath flushes denormals for the rest of the process.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
 _lock = threading.Lock()
 _loaded: bool | None = None

@@ -57,7 +57,7 @@ class ReconfigResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     kv_bytes_moved: int = 0  # crossed between ranks, pre-copy included
     kv_bytes_in_pause: int = 0  # the part of it moved in the pause
-    weight_bytes_loaded: int = 0  # copied into target shards (0 where a shard is a view of the mapping)
+    weight_bytes_loaded: int = 0  # copied or packed into target shards (0 where every shard is a view of the mapping)
     live_kv_blocks: int = 0
     precopied_kv_blocks: int = 0  # of the live blocks, those whose KV the pre-copy moved
     # Exchange buffers the pause had to allocate, over all workers: 0 when the pre-copy set enough

@@ -33,6 +33,7 @@ from remp.executor.messages import (FAULT_ENV, Aborted, BuildTimes, CommitComman
                                     Prepared, ReformCommand, Reformed, SeqWork, StepCommand, StepResult)
 from remp.kernels import paged_attention
 from remp.kv.cache import KVCache
+from remp.layers.packed import pack_linears
 from remp.kv.migration import KVTransfer
 from remp.layers.batch import Batch
 from remp.models.registry import model_class
@@ -83,12 +84,13 @@ class Worker:
     from the thread each command belongs to."""
 
     def __init__(self, rank: int, pool_size: int, backend: str, model_path: str, dtype: torch.dtype, device: str,
-                 cut_flags: CutFlags, weights_path: str | None = None):
+                 cut_flags: CutFlags, weights_path: str | None = None, pack_weights: bool = False):
         self.rank = rank
         self.pool_size = pool_size
         self.backend = backend
         self.dtype = dtype
         self.device = torch.device(device)
+        self.pack_weights = pack_weights  # linear weights packed for oneDNN (remp.layers.packed)
         self.model_config = ModelConfig.from_pretrained(model_path)
         self.hf_config = self.model_config.hf_config()
         # Imported now, with the rest of start-up: a standby rank's first layout is built in a switch.
@@ -134,7 +136,7 @@ class Worker:
             inject_fault("prepare", self.rank)
         if topo.coords(self.rank) is None:
             return Prepared(self.rank, cmd.switch_id, standby=True)
-        model, copied = self._built.get(topo), []
+        model, copied = self._built.get(topo), 0
         t0 = t_groups = t_model = t_shard = time.perf_counter()
         if model is None:
             ctx = ParallelContext(topo, self.rank, self.groups, self.cut_flags, self.device)
@@ -148,21 +150,26 @@ class Worker:
         self.target = LayoutState(topo, model, kv)
         t_kv = time.perf_counter()
         return Prepared(self.rank, cmd.switch_id, standby=False,
-                        weight_bytes=sum(w.numel() * w.element_size() for w in copied),
+                        weight_bytes=copied,
                         build=BuildTimes(groups=t_groups - t0, shard=t_shard - t_model, model=t_model - t_groups,
                                          kv=t_kv - t_shard))
 
-    def _load(self, model: nn.Module) -> list[torch.Tensor]:
-        """Put `model`'s weights in place, taking over the tensors of the model in use where the
-        tensor split is the same; returns the tensors that had to be copied (converted or moved to
-        the device). A model made of views of the mapping only is kept for later switches."""
+    def _load(self, model: nn.Module) -> int:
+        """Put `model`'s weights in place, taking over the tensors (and packed weights) of the model
+        in use where the tensor split is the same; returns the bytes that had to be copied
+        (converted, moved to the device, or packed). A model made of views of the mapping only is
+        kept for later switches; a packed one holds memory of its own and is not."""
         old, ctx = self.model, model.ctx
         same_split = old is not None and old.ctx.tp_size == ctx.tp_size and old.ctx.tp_rank == ctx.tp_rank
         reuse = dict(old.named_parameters()) if same_split else {}
         load_weights(model, self.store, self.dtype, self.device, reuse)
+        copied = sum(w.numel() * w.element_size() for k, w in model.named_parameters()
+                     if not (self.store.maps(w) or reuse.get(k) is w))
+        if self.pack_weights:
+            return copied + pack_linears(model, old if same_split else None)
         if all(self.store.maps(w) for w in model.parameters()):
             self._built[ctx.topo] = model
-        return [w for k, w in model.named_parameters() if not (self.store.maps(w) or reuse.get(k) is w)]
+        return copied
 
     def _routes(self, rows: list[list[int]]) -> tuple[list[KVTransfer], dict[int, list[KVTransfer]],
                                                        dict[int, list[KVTransfer]]]:
@@ -424,7 +431,8 @@ def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
 
 
 def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_addr: str,
-                beat_addr: str, cut_path: str, model_path: str, weights_path: str, dtype: str, device: str) -> None:
+                beat_addr: str, cut_path: str, model_path: str, weights_path: str, dtype: str, device: str,
+                pack_weights: bool = False) -> None:
     """Process entry point (dtype is a torch attribute name such as 'float32'; `weights_path` is the
     checkpoint in the serving dtype, remp.weights.serving_copy, or `model_path` itself): the Worker of
     `rank`, served by a CommandRouter until a ShutdownCommand or until the engine is gone. A failed
@@ -433,7 +441,7 @@ def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_a
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where is it stuck?
     router = CommandRouter(rank, cmd_addr, result_addr, beat_addr)
     router.serve(lambda: Worker(rank, pool_size, backend, model_path, getattr(torch, dtype), device,
-                                CutFlags(cut_path, pool_size), weights_path))
+                                CutFlags(cut_path, pool_size), weights_path, pack_weights))
 
 
 if __name__ == "__main__":
