@@ -169,3 +169,35 @@ def test_a_single_rank_model_matches_transformers(checkpoints, variant):
         tokens.append(int(logits[0].argmax()))
         blocks = table[:-(-len(tokens) // 4)]
         logits = model(batch_of(tokens[-1:], len(tokens) - 1, blocks, 4), None, kv)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weights_packed_for_onednn_compute_the_same_bits(checkpoints, variant):
+    """bfloat16, tp1pp1: a prefill and decodes with every linear and the LM head packed (q/k/v and
+    gate/up fused) give the logits of the same model on views, to the bit; a second model of the
+    same split adopts the packed weights instead of packing again."""
+    from remp.layers.packed import adopt_packed, pack_linears, packing_works
+
+    if not packing_works():
+        pytest.skip("oneDNN cannot pack bfloat16 linears on this CPU")
+    path = checkpoints[variant]
+    cfg, _, views = build(path, Topology(1, 1), 0, torch.bfloat16)
+    _, _, packed = build(path, Topology(1, 1), 0, torch.bfloat16)
+    assert pack_linears(packed) > 0
+    layers = [m for m in packed.modules() if hasattr(m, "pack")]
+    assert len(layers) == 4 * cfg.num_layers + 1 and all(m.packed is not None for m in layers)
+    outs = []
+    for model in (views, packed):
+        kv = KVCache(cfg, Topology(1, 1), 0, num_blocks=8, block_size=4, dtype=torch.bfloat16,
+                     device=torch.device("cpu"))
+        tokens, table = [5, 17, 99, 3, 42, 7], [3, 0, 6, 1, 5]
+        logits = [model(batch_of(tokens, 0, table[:2], 4), None, kv)]
+        for step in range(5):
+            tokens.append(int(logits[-1][0].argmax()))
+            logits.append(model(batch_of(tokens[-1:], len(tokens) - 1, table[:-(-len(tokens) // 4)], 4), None, kv))
+        outs.append(torch.stack(logits))
+    assert torch.equal(outs[0], outs[1])
+    # as a worker builds the next model of the same split: the same weight tensors, so no packing
+    _, _, again = build(path, Topology(1, 1), 0, torch.bfloat16, reuse=dict(packed.named_parameters()))
+    assert adopt_packed(again, packed) == []
+    assert all(a.packed is p.packed for a, p in zip(again.modules(), packed.modules()) if hasattr(a, "pack"))

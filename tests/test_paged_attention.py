@@ -151,3 +151,37 @@ def test_a_step_of_prompts_and_decodes_reads_the_cache_in_place(tmp_path, varian
                             [lengths[i] for i in decode_seqs])
     got = out.view(T, heads, dim)[decode_rows]
     torch.testing.assert_close(got.double(), dense, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_adjacent_prompts_of_one_length_are_one_attention_call(monkeypatch):
+    """Prompts of 7, 7, 7, 5 and 7 tokens, then a decode: runs (3 x 7), (1 x 5), (1 x 7); the
+    batched call gives each prompt what attending to itself alone gives, to the bit."""
+    import torch.nn.functional as F
+
+    lengths = [7, 7, 7, 5, 7]
+    tables = [[i] for i in range(len(lengths))] + [[9, 8]]
+    q_lens, starts = lengths + [1], [0] * len(lengths) + [20]
+    slots = [tables[i][0] * BLOCK + p for i, n in enumerate(lengths) for p in range(n)] + [8 * BLOCK + 4]
+    positions = [p for n in lengths for p in range(n)] + [20]
+    batch = Batch(input_ids=torch.zeros(len(slots), dtype=torch.long), positions=torch.tensor(positions),
+                  slots=torch.tensor(slots), block_size=BLOCK, q_lens=q_lens, starts=starts, block_tables=tables,
+                  device=torch.device("cpu"))
+    assert [(r.start, r.count, r.length) for r in batch.prefill_runs] == [(0, 3, 7), (21, 1, 5), (26, 1, 7)]
+
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, T = 4, 2, 16, len(slots)
+    q, k, v = (torch.randn(T, h, dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    attention = PagedAttention(0, heads, kv_heads, dim, ParallelContext(Topology(1, 1), 0))
+    out = torch.zeros(T, heads, dim)
+    attention.prefill(q, k, v, batch, out)
+    assert len(calls) == 3
+    offset = 0
+    for n in lengths:
+        s, e = offset, offset + n
+        alone = sdpa(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
+                     is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        assert torch.equal(out[s:e], alone)
+        offset = e

@@ -61,11 +61,13 @@ class PagedAttention(nn.Module):
         return o.squeeze(2)
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, out: torch.Tensor) -> None:
-        """Each prompt attends causally to itself, on the step's fresh keys and values."""
-        for i in batch.prefill:
-            s, e = batch.offsets[i], batch.offsets[i + 1]
-            qs = q[s:e].transpose(0, 1).unsqueeze(0)
-            keys = k[s:e].transpose(0, 1).unsqueeze(0)
-            values = v[s:e].transpose(0, 1).unsqueeze(0)
+        """Each prompt attends causally to itself, on the step's fresh keys and values: one SDPA
+        call per run of adjacent prompts of one length (the prompts as its batch), so a step of
+        equal-length prompts is a single call."""
+        for run in batch.prefill_runs:
+            s, e, n = run.start, run.start + run.count * run.length, run.length
+            qs = q[s:e].view(run.count, n, *q.shape[1:]).transpose(1, 2)
+            keys = k[s:e].view(run.count, n, *k.shape[1:]).transpose(1, 2)
+            values = v[s:e].view(run.count, n, *v.shape[1:]).transpose(1, 2)
             o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
-            out[s:e] = o[0].transpose(0, 1)
+            out[s:e] = o.transpose(1, 2).reshape(e - s, *q.shape[1:])

@@ -6,6 +6,15 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class PromptRun:
+    """Adjacent prompts of one length in a step: `count` prompts of `length` tokens from token `start`."""
+
+    start: int
+    count: int
+    length: int
+
+
 @dataclass
 class Batch:
     """One step's tokens on a worker: sequences laid end to end ([T] tensors), plus what
@@ -33,6 +42,13 @@ class Batch:
         self.prefill = [i for i, start in enumerate(self.starts) if start == 0]
         if any(self.q_lens[i] != 1 for i in self.decode):
             raise ValueError("a step continuing a sequence must carry exactly one token")
+        self.prefill_runs: list[PromptRun] = []
+        for i in self.prefill:
+            last = self.prefill_runs[-1] if self.prefill_runs else None
+            if last and last.length == self.q_lens[i] and last.start + last.count * last.length == offsets[i]:
+                self.prefill_runs[-1] = PromptRun(last.start, last.count + 1, last.length)
+            else:
+                self.prefill_runs.append(PromptRun(offsets[i], 1, self.q_lens[i]))
         if self.decode:
             width = max(len(self.block_tables[i]) for i in self.decode)
             # Pad with the sequence's own first block: its bytes are masked out, and unlike an

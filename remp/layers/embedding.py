@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from remp.layers.packed import PackedLinear
 from remp.parallel.context import ParallelContext
 from remp.weights.loader import sharded_parameter
 
@@ -48,8 +49,31 @@ class ParallelLMHead(nn.Module):
         self.ctx = ctx
         self.chunk_rows = chunk_rows
         self.weight = sharded_parameter((len(vocab), hidden_size), *names, rows=vocab)
+        self.packed: list[PackedLinear] | None = None  # the chunks, packed (remp.layers.packed)
+
+    def chunks(self) -> list[torch.Tensor]:
+        return list(self.weight.split(self.chunk_rows)) if self.ctx.stops_alone else [self.weight]
+
+    def adopt(self, previous: list[PackedLinear] | None) -> bool:
+        """Take `previous` (this head of another model) if its chunks were packed from these rows."""
+        chunks = self.chunks()
+        if previous is not None and len(previous) == len(chunks) and all(
+                p.packs([c]) for p, c in zip(previous, chunks)):
+            self.packed = previous
+        return self.packed is not None
+
+    def pack(self) -> int:
+        """Pack each chunk now (a cut check stays between chunks); returns the bytes packed."""
+        self.packed = [PackedLinear([c], [None]) for c in self.chunks()]
+        return sum(p.nbytes for p in self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            parts = []
+            for chunk in self.packed:
+                self.ctx.stop_if_cut()
+                parts.append(chunk(x))
+            return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if not self.ctx.stops_alone:
             return F.linear(x, self.weight)
         chunks = []

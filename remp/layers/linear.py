@@ -32,6 +32,17 @@ class PackableLinear(nn.Module):
         """The weights (and biases) to stack and pack, in output order."""
         raise NotImplementedError
 
+    def adopt(self, previous: PackedLinear | None) -> bool:
+        """Take `previous` (the same layer of another model) if it was packed from these tensors."""
+        if previous is not None and previous.packs(self.pack_sources()[0]):
+            self.packed = previous
+        return self.packed is not None
+
+    def pack(self) -> int:
+        """Pack this layer's weights now; returns the bytes packed."""
+        self.packed = PackedLinear(*self.pack_sources())
+        return self.packed.nbytes
+
 
 class ColumnParallelLinear(PackableLinear):
     """y = x W[rows]^T (+ b[rows]): output features `rows` of the checkpoint's `prefix`.weight."""

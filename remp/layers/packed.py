@@ -50,20 +50,15 @@ class PackedLinear:
         return self.sources == [w.data_ptr() for w in weights] and self.split == [w.shape[0] for w in weights]
 
 
-def pack_linears(model: torch.nn.Module, reuse: torch.nn.Module | None = None) -> int:
-    """Pack every linear of `model` that can be packed, taking over the packed weights of `reuse`
-    (the model in use) where a module of the same name was packed from the same tensors.
-    Returns the bytes newly packed."""
+def adopt_packed(model: torch.nn.Module, reuse: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """Give each packable layer of `model` (one with `adopt` and `pack`: remp.layers.linear's
+    linears, the LM head) the packed weights of the layer of the same name in `reuse` (the model
+    in use) where they were packed from the same tensors: no copy. Returns the layers still to pack."""
     old = dict(reuse.named_modules()) if reuse is not None else {}
-    packed = 0
-    for name, module in model.named_modules():
-        if not hasattr(module, "pack_sources"):  # a remp.layers.linear.PackableLinear
-            continue
-        previous = getattr(old.get(name), "packed", None)
-        weights, biases = module.pack_sources()
-        if previous is not None and previous.packs(weights):
-            module.packed = previous
-        else:
-            module.packed = PackedLinear(weights, biases)
-            packed += module.packed.nbytes
-    return packed
+    return [module for name, module in model.named_modules()
+            if hasattr(module, "pack") and not module.adopt(getattr(old.get(name), "packed", None))]
+
+
+def pack_linears(model: torch.nn.Module, reuse: torch.nn.Module | None = None) -> int:
+    """Pack every packable layer of `model` now (adopting what `reuse` has); returns the bytes packed."""
+    return sum(layer.pack() for layer in adopt_packed(model, reuse))

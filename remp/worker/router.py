@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, wait
+from concurrent.futures import Executor, Future, wait
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
@@ -79,6 +79,12 @@ class CommandRouter:
         self._worker: Worker | None = None
         self._beside_steps: dict[type, Handler] = {}  # run on the builder
         self._in_order: dict[type, Handler] = {}  # run on the main thread, after the steps sent before
+
+    @property
+    def background(self) -> Executor:
+        """The builder thread, for work the Worker starts itself (packing weights after a commit):
+        it runs before any Prepare or Precopy received after it was submitted."""
+        return self._builder
 
     def serve(self, make_worker: Callable[[], Worker]) -> None:
         """Make the Worker (config and weight store: the slow part of start-up), say Started, and

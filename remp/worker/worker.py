@@ -19,21 +19,22 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from remp.config import ModelConfig
-from remp.engine.sampling import sample_row
+from remp.engine.sampling import GREEDY_BELOW_TEMPERATURE, sample_row
 from remp.executor.cut import CutFlags
 from remp.executor.messages import (FAULT_ENV, Aborted, BuildTimes, CommitCommand, Committed, Digest,
                                     DigestCommand, LeaveCommand, Left, PrecopyCommand, Precopied, PrepareCommand,
                                     Prepared, ReformCommand, Reformed, SeqWork, StepCommand, StepResult)
 from remp.kernels import paged_attention
 from remp.kv.cache import KVCache
-from remp.layers.packed import pack_linears
+from remp.layers.packed import adopt_packed
 from remp.kv.migration import KVTransfer
 from remp.layers.batch import Batch
 from remp.models.registry import model_class
@@ -62,11 +63,13 @@ def inject_fault(phase: str, rank: int) -> None:
 
 @dataclass
 class LayoutState:
-    """A layout as this rank holds it: the topology, this rank's stage of the model and its KV cache."""
+    """A layout as this rank holds it: the topology, this rank's stage of the model and its KV
+    cache; and, where weights are packed, the layers still to pack (packed after the commit)."""
 
     topo: Topology
     model: nn.Module
     kv: KVCache
+    unpacked: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass
@@ -84,13 +87,17 @@ class Worker:
     from the thread each command belongs to."""
 
     def __init__(self, rank: int, pool_size: int, backend: str, model_path: str, dtype: torch.dtype, device: str,
-                 cut_flags: CutFlags, weights_path: str | None = None, pack_weights: bool = False):
+                 cut_flags: CutFlags, weights_path: str | None = None, pack_weights: bool = False,
+                 background: Executor | None = None):
         self.rank = rank
         self.pool_size = pool_size
         self.backend = backend
         self.dtype = dtype
         self.device = torch.device(device)
-        self.pack_weights = pack_weights  # linear weights packed for oneDNN (remp.layers.packed)
+        # Linear weights packed for oneDNN (remp.layers.packed): a layout is built on views, and its
+        # layers are packed after its commit, on `background` (the builder thread), beside the steps.
+        self.pack_weights = pack_weights
+        self.background = background
         self.model_config = ModelConfig.from_pretrained(model_path)
         self.hf_config = self.model_config.hf_config()
         # Imported now, with the rest of start-up: a standby rank's first layout is built in a switch.
@@ -136,29 +143,30 @@ class Worker:
             inject_fault("prepare", self.rank)
         if topo.coords(self.rank) is None:
             return Prepared(self.rank, cmd.switch_id, standby=True)
-        model, copied = self._built.get(topo), 0
+        model, copied, unpacked = self._built.get(topo), 0, []
         t0 = t_groups = t_model = t_shard = time.perf_counter()
         if model is None:
             ctx = ParallelContext(topo, self.rank, self.groups, self.cut_flags, self.device)
             t_groups = time.perf_counter()
             model = self.model_class(self.model_config, ctx, self.hf_config)
             t_model = time.perf_counter()
-            copied = self._load(model)
+            copied, unpacked = self._load(model)
             t_shard = time.perf_counter()
         kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
                      reuse=self.kv)
-        self.target = LayoutState(topo, model, kv)
+        self.target = LayoutState(topo, model, kv, unpacked)
         t_kv = time.perf_counter()
         return Prepared(self.rank, cmd.switch_id, standby=False,
                         weight_bytes=copied,
                         build=BuildTimes(groups=t_groups - t0, shard=t_shard - t_model, model=t_model - t_groups,
                                          kv=t_kv - t_shard))
 
-    def _load(self, model: nn.Module) -> int:
+    def _load(self, model: nn.Module) -> tuple[int, list[nn.Module]]:
         """Put `model`'s weights in place, taking over the tensors (and packed weights) of the model
-        in use where the tensor split is the same; returns the bytes that had to be copied
-        (converted, moved to the device, or packed). A model made of views of the mapping only is
-        kept for later switches; a packed one holds memory of its own and is not."""
+        in use where the tensor split is the same. Returns the bytes that had to be copied
+        (converted or moved to the device) and, where weights are packed, the layers left to pack.
+        A model made of views of the mapping only is kept for later switches; not where weights are
+        packed (a packed model holds memory of its own)."""
         old, ctx = self.model, model.ctx
         same_split = old is not None and old.ctx.tp_size == ctx.tp_size and old.ctx.tp_rank == ctx.tp_rank
         reuse = dict(old.named_parameters()) if same_split else {}
@@ -166,10 +174,30 @@ class Worker:
         copied = sum(w.numel() * w.element_size() for k, w in model.named_parameters()
                      if not (self.store.maps(w) or reuse.get(k) is w))
         if self.pack_weights:
-            return copied + pack_linears(model, old if same_split else None)
+            return copied, adopt_packed(model, old if same_split else None)
         if all(self.store.maps(w) for w in model.parameters()):
             self._built[ctx.topo] = model
-        return copied
+        return copied, []
+
+    def _pack_in_background(self, layout: LayoutState) -> None:
+        """Pack the layers of `layout` (just committed) on the builder thread, one at a time, while
+        the steps run: each layer switches to its packed weight when it is ready (the same bits,
+        so a step may mix packed and unpacked layers). Stops if the layout is left meanwhile."""
+        layers, layout.unpacked = layout.unpacked, []
+
+        def pack() -> None:
+            t0, done = time.perf_counter(), 0
+            for layer in layers:
+                if self.layout is not layout:
+                    return
+                done += layer.pack()
+            print(f"rank {self.rank}: packed {len(layers)} layers ({done / 2**20:.1f} MiB) for oneDNN in "
+                  f"{1e3 * (time.perf_counter() - t0):.0f} ms", file=sys.stderr, flush=True)
+
+        if self.background is None:
+            pack()
+        else:
+            self.background.submit(pack)
 
     def _routes(self, rows: list[list[int]]) -> tuple[list[KVTransfer], dict[int, list[KVTransfer]],
                                                        dict[int, list[KVTransfer]]]:
@@ -286,6 +314,8 @@ class Worker:
         self.loaded = True
         self.layout = self.target  # no target: standby
         self.target = None
+        if self.layout is not None and self.layout.unpacked:
+            self._pack_in_background(self.layout)
         return answer
 
     def confirm(self) -> None:
@@ -414,9 +444,13 @@ def _wait_all(works: list[dist.Work]) -> None:
 
 
 def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
+    """One token per row (and its log-probabilities where asked). Greedy rows, the common case,
+    take one argmax over the whole batch (sample_row's greedy choice, ties to the lowest id)."""
+    greedy = [s.temperature < GREEDY_BELOW_TEMPERATURE or s.top_k == 1 for s in seqs]
+    best = logits.argmax(dim=-1).tolist() if any(greedy) else []
     tokens, logprobs = [], []
-    for row, s in zip(logits, seqs):
-        token = sample_row(row, s.temperature, s.top_p, s.top_k, s.seed, s.out_pos)
+    for i, (row, s) in enumerate(zip(logits, seqs)):
+        token = best[i] if greedy[i] else sample_row(row, s.temperature, s.top_p, s.top_k, s.seed, s.out_pos)
         tokens.append(token)
         if s.logprobs is None:
             logprobs.append(None)
@@ -441,7 +475,7 @@ def worker_main(rank: int, pool_size: int, backend: str, cmd_addr: str, result_a
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where is it stuck?
     router = CommandRouter(rank, cmd_addr, result_addr, beat_addr)
     router.serve(lambda: Worker(rank, pool_size, backend, model_path, getattr(torch, dtype), device,
-                                CutFlags(cut_path, pool_size), weights_path, pack_weights))
+                                CutFlags(cut_path, pool_size), weights_path, pack_weights, router.background))
 
 
 if __name__ == "__main__":
