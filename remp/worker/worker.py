@@ -95,7 +95,7 @@ class Worker:
         self.dtype = dtype
         self.device = torch.device(device)
         # Linear weights packed for oneDNN (remp.layers.packed): a layout is built on views, and its
-        # layers are packed after its commit, on `background` (the builder thread), beside the steps.
+        # layers are packed once the switch is final, on `background` (the builder thread), beside the steps.
         self.pack_weights = pack_weights
         self.background = background
         self.model_config = ModelConfig.from_pretrained(model_path)
@@ -180,7 +180,7 @@ class Worker:
         return copied, []
 
     def _pack_in_background(self, layout: LayoutState) -> None:
-        """Pack the layers of `layout` (just committed) on the builder thread, one at a time, while
+        """Pack the layers of `layout` (just confirmed) on the builder thread, one at a time, while
         the steps run: each layer switches to its packed weight when it is ready (the same bits,
         so a step may mix packed and unpacked layers). Stops if the layout is left meanwhile."""
         layers, layout.unpacked = layout.unpacked, []
@@ -314,13 +314,14 @@ class Worker:
         self.loaded = True
         self.layout = self.target  # no target: standby
         self.target = None
-        if self.layout is not None and self.layout.unpacked:
-            self._pack_in_background(self.layout)
         return answer
 
     def confirm(self) -> None:
-        """Every rank has committed: the switch is final, forget what it replaced (no reply)."""
+        """Every rank has committed: the switch is final, forget what it replaced (no reply), and
+        pack the new layout's weights, now that the pause is over on every rank."""
         self.previous = None
+        if self.layout is not None and self.layout.unpacked:
+            self._pack_in_background(self.layout)
 
     def abort(self) -> Aborted:
         """Drop the prepared layout, and go back to the old one if a commit was not yet confirmed."""
