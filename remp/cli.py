@@ -139,8 +139,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "float32 on other CPUs; on GPUs the checkpoint's 16-bit dtype, else bfloat16")
     parser.add_argument("--pack-weights", action=argparse.BooleanOptionalAction, default=None,
                         help="pack linear weights for oneDNN (bfloat16 on CPU): faster matmuls, but each "
-                             "worker holds its shard as its own copy, made in every switch's prepare; "
-                             "default: on for bfloat16 on CPUs with native bfloat16")
+                             "worker holds its shard as its own copy, packed after each switch beside the "
+                             "steps; default: on for bfloat16 on CPUs with native bfloat16")
     parser.add_argument("--kv-cache-space", type=float, default=1.0, help="KV cache GiB per worker")
     parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (overrides --kv-cache-space)")
     parser.add_argument("--threads-per-worker", type=int, help="default: cores / active workers")

@@ -117,8 +117,8 @@ def resolve_dtype(name: str, model: ModelConfig, device: str) -> tuple[torch.dty
 def resolve_pack_weights(asked: bool | None, dtype: torch.dtype, device: str) -> tuple[bool, str]:
     """Whether workers pack their linear weights for oneDNN (remp.layers.packed), and why. Unasked:
     where it pays, bfloat16 on a CPU with native bfloat16. Packing copies each shard into the
-    worker's own memory (in a switch's prepare); unpacked, every weight stays a view of the shared
-    store and a switch copies no weight bytes."""
+    worker's own memory, after each switch and beside the steps; unpacked, every weight stays a
+    view of the shared store."""
     from remp.layers.packed import packing_works
 
     possible = device == "cpu" and dtype == torch.bfloat16 and packing_works()

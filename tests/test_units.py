@@ -86,6 +86,25 @@ def test_auto_dtype_is_bfloat16_where_the_hardware_has_it(monkeypatch, native, d
         config.resolve_dtype("int8", m, device)
 
 
+def test_weights_are_packed_by_default_only_where_it_pays(monkeypatch):
+    from remp import config
+    from remp.layers import packed
+
+    monkeypatch.setattr(packed, "packing_works", lambda: True)
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
+    assert config.resolve_pack_weights(None, torch.bfloat16, "cpu")[0] is True
+    assert config.resolve_pack_weights(None, torch.float32, "cpu")[0] is False
+    assert config.resolve_pack_weights(False, torch.bfloat16, "cpu") == (False, "asked for")
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
+    assert config.resolve_pack_weights(None, torch.bfloat16, "cpu")[0] is False  # emulated bf16: not by default
+    assert config.resolve_pack_weights(True, torch.bfloat16, "cpu") == (True, "asked for")
+    with pytest.raises(ValueError, match="--pack-weights needs --dtype bfloat16"):
+        config.resolve_pack_weights(True, torch.float32, "cpu")
+    monkeypatch.setattr(packed, "packing_works", lambda: False)
+    with pytest.raises(ValueError, match="oneDNN"):
+        config.resolve_pack_weights(True, torch.bfloat16, "cpu")
+
+
 def test_native_bf16_is_read_from_the_cpu_flags():
     from remp.config import cpu_has_native_bf16
 

@@ -4,8 +4,9 @@ torch's bfloat16 matmul on such a CPU goes through oneDNN, which reorders the we
 blocked layout on every call; packing it once (`torch.ops.mkldnn._reorder_linear_weight`, what
 torch.compile's CPU freezing and vLLM's CPU backend do) halves a decode step's matmul time on SmolLM2
 (batch 1-32: 55-75 us -> 28-37 us for a 1536 x 576 projection) and gives bit-identical results.
-The price is a copy: a packed weight is this rank's own memory, made when a layout is built (in a
-switch's prepare, outside the pause), not a view of the shared weight store. Since it is a copy
+The price is a copy: a packed weight is this rank's own memory, not a view of the shared weight
+store. A worker packs a layout's layers once its switch is final, on its builder thread beside the
+steps (remp.worker.worker.Worker._pack_in_background), so a switch waits for none. Since it is a copy
 anyway, q/k/v and gate/up are fused into one packed matrix each (one call instead of three or two).
 `--pack-weights` decides (see remp.config.resolve_pack_weights); float32 is never packed: oneDNN's
 float32 path is not faster there, and its results would differ from transformers' in the last bits.
@@ -57,6 +58,13 @@ def adopt_packed(model: torch.nn.Module, reuse: torch.nn.Module | None) -> list[
     old = dict(reuse.named_modules()) if reuse is not None else {}
     return [module for name, module in model.named_modules()
             if hasattr(module, "pack") and not module.adopt(getattr(old.get(name), "packed", None))]
+
+
+def drop_packed(model: torch.nn.Module) -> None:
+    """Let go of `model`'s packed weights (a layout left behind: kept models hold views only)."""
+    for module in model.modules():
+        if hasattr(module, "pack"):
+            module.packed = None
 
 
 def pack_linears(model: torch.nn.Module, reuse: torch.nn.Module | None = None) -> int:

@@ -34,7 +34,7 @@ from remp.executor.messages import (FAULT_ENV, Aborted, BuildTimes, CommitComman
                                     Prepared, ReformCommand, Reformed, SeqWork, StepCommand, StepResult)
 from remp.kernels import paged_attention
 from remp.kv.cache import KVCache
-from remp.layers.packed import adopt_packed
+from remp.layers.packed import adopt_packed, drop_packed
 from remp.kv.migration import KVTransfer
 from remp.layers.batch import Batch
 from remp.models.registry import model_class
@@ -143,15 +143,18 @@ class Worker:
             inject_fault("prepare", self.rank)
         if topo.coords(self.rank) is None:
             return Prepared(self.rank, cmd.switch_id, standby=True)
-        model, copied, unpacked = self._built.get(topo), 0, []
-        t0 = t_groups = t_model = t_shard = time.perf_counter()
+        model, copied = self._built.get(topo), 0
+        t0 = t_groups = t_model = time.perf_counter()
         if model is None:
             ctx = ParallelContext(topo, self.rank, self.groups, self.cut_flags, self.device)
             t_groups = time.perf_counter()
             model = self.model_class(self.model_config, ctx, self.hf_config)
             t_model = time.perf_counter()
-            copied, unpacked = self._load(model)
-            t_shard = time.perf_counter()
+            copied = self._load(model)
+        # Packed weights: adopt those of the model in use for the layers that stay (no copy); the
+        # rest are packed once the switch is final (`confirm`).
+        unpacked = adopt_packed(model, self.model if self._same_split(model) else None) if self.pack_weights else []
+        t_shard = time.perf_counter()
         kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
                      reuse=self.kv)
         self.target = LayoutState(topo, model, kv, unpacked)
@@ -161,23 +164,22 @@ class Worker:
                         build=BuildTimes(groups=t_groups - t0, shard=t_shard - t_model, model=t_model - t_groups,
                                          kv=t_kv - t_shard))
 
-    def _load(self, model: nn.Module) -> tuple[int, list[nn.Module]]:
-        """Put `model`'s weights in place, taking over the tensors (and packed weights) of the model
-        in use where the tensor split is the same. Returns the bytes that had to be copied
-        (converted or moved to the device) and, where weights are packed, the layers left to pack.
-        A model made of views of the mapping only is kept for later switches; not where weights are
-        packed (a packed model holds memory of its own)."""
-        old, ctx = self.model, model.ctx
-        same_split = old is not None and old.ctx.tp_size == ctx.tp_size and old.ctx.tp_rank == ctx.tp_rank
-        reuse = dict(old.named_parameters()) if same_split else {}
+    def _same_split(self, model: nn.Module) -> bool:
+        """Whether `model` cuts every weight as the model in use does (same tp size and rank)."""
+        old = self.model
+        return old is not None and old.ctx.tp_size == model.ctx.tp_size and old.ctx.tp_rank == model.ctx.tp_rank
+
+    def _load(self, model: nn.Module) -> int:
+        """Put `model`'s weights in place, taking over the tensors of the model in use where the
+        tensor split is the same; returns the bytes that had to be copied (converted or moved to
+        the device). A model made of views of the mapping only is kept for later switches (packed
+        weights are not part of it: a layout's are dropped when a switch leaves it, see `confirm`)."""
+        reuse = dict(self.model.named_parameters()) if self._same_split(model) else {}
         load_weights(model, self.store, self.dtype, self.device, reuse)
-        copied = sum(w.numel() * w.element_size() for k, w in model.named_parameters()
-                     if not (self.store.maps(w) or reuse.get(k) is w))
-        if self.pack_weights:
-            return copied, adopt_packed(model, old if same_split else None)
         if all(self.store.maps(w) for w in model.parameters()):
-            self._built[ctx.topo] = model
-        return copied, []
+            self._built[model.ctx.topo] = model
+        return sum(w.numel() * w.element_size() for k, w in model.named_parameters()
+                   if not (self.store.maps(w) or reuse.get(k) is w))
 
     def _pack_in_background(self, layout: LayoutState) -> None:
         """Pack the layers of `layout` (just confirmed) on the builder thread, one at a time, while
@@ -319,7 +321,10 @@ class Worker:
     def confirm(self) -> None:
         """Every rank has committed: the switch is final, forget what it replaced (no reply), and
         pack the new layout's weights, now that the pause is over on every rank."""
+        left = self.previous and self.previous.layout
         self.previous = None
+        if left and (self.layout is None or left.model is not self.layout.model):
+            drop_packed(left.model)  # the layers that stay hold their own reference
         if self.layout is not None and self.layout.unpacked:
             self._pack_in_background(self.layout)
 
