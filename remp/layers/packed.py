@@ -3,7 +3,9 @@
 torch's bfloat16 matmul on such a CPU goes through oneDNN, which reorders the weight into its
 blocked layout on every call; packing it once (`torch.ops.mkldnn._reorder_linear_weight`, what
 torch.compile's CPU freezing and vLLM's CPU backend do) halves a decode step's matmul time on SmolLM2
-(batch 1-32: 55-75 us -> 28-37 us for a 1536 x 576 projection) and gives bit-identical results.
+(batch 1-32: 55-75 us -> 28-37 us for a 1536 x 576 projection) and gives bit-identical results
+there (torch's own bfloat16 matmul is oneDNN's on such a CPU; where `--pack-weights` is asked for on
+another CPU, the low bits may differ from unpacked serving).
 The price is a copy: a packed weight is this rank's own memory, not a view of the shared weight
 store. A worker packs a layout's layers once its switch is final, on its builder thread beside the
 steps (remp.worker.worker.Worker._pack_in_background), so a switch waits for none. Since it is a copy

@@ -127,6 +127,8 @@ class CommandRouter:
                     continue
                 msg = decode(self._cmds.recv())
                 if type(msg) in self._beside_steps:
+                    if isinstance(msg, PrepareCommand):
+                        self._worker.switch_waiting.set()  # background packing gives way (Worker)
                     building = self._builder.submit(self._run_beside_steps, self._beside_steps[type(msg)], msg)
                 elif isinstance(msg, StepCommand):
                     self._inbox.put((msg, None))

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Worker:
         # layers are packed once the switch is final, on `background` (the builder thread), beside the steps.
         self.pack_weights = pack_weights
         self.background = background
+        self.switch_waiting = threading.Event()  # a Prepare is queued: background packing gives way
         self.model_config = ModelConfig.from_pretrained(model_path)
         self.hf_config = self.model_config.hf_config()
         # Imported now, with the rest of start-up: a standby rank's first layout is built in a switch.
@@ -137,6 +139,7 @@ class Worker:
         weights as views of the weight store (or the model built for this layout before, in this
         world), and its KV cache (layers in place are shared). The groups were formed with the world."""
         topo = Topology(cmd.tp, cmd.pp)
+        self.switch_waiting.clear()
         self.target = None
         self.block_size = cmd.block_size
         if self.loaded:
@@ -182,15 +185,20 @@ class Worker:
                    if not (self.store.maps(w) or reuse.get(k) is w))
 
     def _pack_in_background(self, layout: LayoutState) -> None:
-        """Pack the layers of `layout` (just confirmed) on the builder thread, one at a time, while
+        """Pack the layers of `layout` (the one in use) on the builder thread, one at a time, while
         the steps run: each layer switches to its packed weight when it is ready (the same bits,
-        so a step may mix packed and unpacked layers). Stops if the layout is left meanwhile."""
+        so a step may mix packed and unpacked layers). It gives way to a switch: when a Prepare is
+        waiting (`switch_waiting`, set by the router) the layers left go back to `layout.unpacked`,
+        packed after that switch is confirmed — or aborted, if the layout is kept."""
         layers, layout.unpacked = layout.unpacked, []
 
         def pack() -> None:
             t0, done = time.perf_counter(), 0
-            for layer in layers:
+            for i, layer in enumerate(layers):
                 if self.layout is not layout:
+                    return
+                if self.switch_waiting.is_set():
+                    layout.unpacked = layers[i:]
                     return
                 done += layer.pack()
             print(f"rank {self.rank}: packed {len(layers)} layers ({done / 2**20:.1f} MiB) for oneDNN in "
@@ -336,6 +344,8 @@ class Worker:
             self.layout, self.loaded = self.previous.layout, self.previous.loaded
             use_threads(self.previous.threads)
             self.previous = None
+        if self.layout is not None and self.layout.unpacked:  # packing gave way to the switch given up
+            self._pack_in_background(self.layout)
         return Aborted(self.rank)
 
     def drop_target(self) -> None:
