@@ -51,14 +51,15 @@ def packed_engine(tiny_gqa):
     eng.shutdown()
 
 
-def generate(engine: LLMEngine, tag: str) -> list[list[int]]:
+def generate(engine: LLMEngine, tag: str) -> list:
+    """PROMPTS, greedy with log-probabilities, to the end: their finished outputs in order."""
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
     for i, p in enumerate(PROMPTS):
         engine.add_request(f"{tag}-{i}", p, params)
     done = {}
     while engine.has_unfinished():
         done.update({o.request_id: o for o in engine.step() if o.finished})
-    return [(done[f"{tag}-{i}"].token_ids, done[f"{tag}-{i}"].logprobs) for i in range(len(PROMPTS))]
+    return [done[f"{tag}-{i}"] for i in range(len(PROMPTS))]
 
 
 @pytest.mark.parametrize("layout", [Topology(1, 1), Topology(2, 1), Topology(1, 2), Topology(2, 2)], ids=str)
@@ -66,21 +67,15 @@ def test_weights_packed_for_onednn_give_the_same_tokens_and_logprobs(engine, pac
     """Packed (q/k/v and gate/up fused) linears compute what the unpacked views compute, to the bit."""
     engine.reconfigure(layout, lambda outs: None)
     packed_engine.reconfigure(layout, lambda outs: None)
-    assert generate(packed_engine, f"packed-{layout}") == generate(engine, f"views-{layout}")
+    packed = [(o.token_ids, o.logprobs) for o in generate(packed_engine, f"packed-{layout}")]
+    assert packed == [(o.token_ids, o.logprobs) for o in generate(engine, f"views-{layout}")]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_bf16_follows_transformers_bf16(engine, hf, layout):
     engine.reconfigure(layout, lambda outs: None)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(f"{layout}-{i}", p, params)
-    done = {}
-    while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
     checked = 0
-    for i, p in enumerate(PROMPTS):
-        out = done[f"{layout}-{i}"]
+    for i, (p, out) in enumerate(zip(PROMPTS, generate(engine, str(layout)))):
         with torch.no_grad():
             logits = hf(torch.tensor([p + out.token_ids])).logits[0, len(p) - 1:-1].float()
         ref = torch.log_softmax(logits, -1)
