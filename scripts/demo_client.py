@@ -74,8 +74,8 @@ def switch_under_load(client: OpenAI, base_url: str, api_key: str, model: str, m
         t.join()
     same = all(got.get(p) == expected[p] for p in PROMPTS)
     print(f"\n{len(got)} of {len(PROMPTS)} requests completed across the switches; answers identical to the "
-          f"no-switch run: {same}" + ("" if same else " (tensor parallelism sums in another order: a greedy "
-                                       "near-tie can flip)"))
+          f"no-switch run: {same}" + ("" if same else " (tensor parallelism sums in another order, and more "
+                                       "so in bfloat16: a greedy near-tie can flip)"))
     return same
 
 
