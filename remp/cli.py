@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint for tests")
     tiny.add_argument("dir")
-    tiny.add_argument("--variant", default="gqa", choices=("gqa", "mha", "qwen2", "qwen3", "mistral"),
+    tiny.add_argument("--variant", "--arch", default="gqa",
+                      choices=("gqa", "mha", "qwen2", "qwen3", "mistral", "mixtral", "qwen3-moe"),
                       help="gqa (Llama, 8 query / 2 KV heads, default), mha (Llama, 4 / 4), qwen2 (4 / 2, qkv bias), "
-                           "qwen3 (4 / 2, q/k norms, head_dim 32) or mistral (8 / 2)")
+                           "qwen3 (4 / 2, q/k norms, head_dim 32), mistral (8 / 2), mixtral (8 / 2, 6 experts, "
+                           "top-2) or qwen3-moe (as qwen3, 6 experts, top-2, layer 1 dense)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_make_tiny_model)
 

@@ -22,8 +22,37 @@ class ModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts part of a decoder: which layers route their MLP to experts, and how."""
+
+    num_experts: int
+    top_k: int  # experts per token
+    intermediate_size: int  # of one expert
+    renormalize: bool  # the top-k routing weights are divided by their sum
+    scores_in_float: bool  # the routing weights stay float32 (Mixtral); else cast to the hidden dtype (Qwen3-MoE)
+    sparse_layers: tuple[int, ...]  # layers whose MLP is the experts (the others are dense)
+
+    @classmethod
+    def from_hf(cls, arch: str, hf, num_layers: int) -> "MoEConfig | None":
+        if arch == "MixtralForCausalLM":
+            return cls(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                       intermediate_size=hf.intermediate_size, renormalize=True, scores_in_float=True,
+                       sparse_layers=tuple(range(num_layers)))
+        if arch == "Qwen3MoeForCausalLM":
+            dense = set(getattr(hf, "mlp_only_layers", None) or ())
+            step = getattr(hf, "decoder_sparse_step", 1) or 1
+            layers = tuple(i for i in range(num_layers)
+                           if i not in dense and hf.num_experts > 0 and (i + 1) % step == 0)
+            return cls(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                       intermediate_size=hf.moe_intermediate_size, renormalize=bool(hf.norm_topk_prob),
+                       scores_in_float=False, sparse_layers=layers)
+        return None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a dense decoder (Llama, Mistral, Qwen2, Qwen3), as the engine needs it."""
+    """The shape of a decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral and Qwen3-MoE with `moe`),
+    as the engine needs it."""
 
     path: str
     architecture: str
@@ -40,6 +69,7 @@ class ModelConfig:
     max_position_embeddings: int
     torch_dtype: str
     eos_token_ids: tuple[int, ...]
+    moe: MoEConfig | None = None  # None: a dense model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -78,6 +108,7 @@ class ModelConfig:
             max_position_embeddings=hf.max_position_embeddings,
             torch_dtype=str(dtype).replace("torch.", ""),
             eos_token_ids=eos_ids,
+            moe=MoEConfig.from_hf(arch, hf, hf.num_hidden_layers),
         )
 
     def hf_config(self):

@@ -60,9 +60,22 @@ def expected_slices(store: WeightStore, cfg: ModelConfig, topo: Topology, rank: 
             for kind in kinds:
                 out[f"{p}self_attn.{proj}_proj.{kind}"] = rows(f"{p}self_attn.{proj}_proj.{kind}", span)
         out[p + "self_attn.o_proj.weight"] = store.full(p + "self_attn.o_proj.weight")[:, q_rows.start:q_rows.stop]
-        out[p + "mlp.gate_proj.weight"] = rows(p + "mlp.gate_proj.weight", mlp)
-        out[p + "mlp.up_proj.weight"] = rows(p + "mlp.up_proj.weight", mlp)
-        out[p + "mlp.down_proj.weight"] = store.full(p + "mlp.down_proj.weight")[:, mlp.start:mlp.stop]
+        if cfg.moe is not None and layer in cfg.moe.sparse_layers:
+            # every expert cut like a dense MLP to this rank's slice of its width; the router whole
+            moe, names = ("block_sparse_moe", ("w1", "w3", "w2")) if cfg.architecture == "MixtralForCausalLM" \
+                else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+            width = topo.mlp_slice(t, cfg.moe.intermediate_size)
+            out[f"{p}{moe}.gate.weight"] = store.full(f"{p}{moe}.gate.weight")
+            for e in range(cfg.moe.num_experts):
+                gate, up, down = (f"{p}{moe}.experts.{e}.{n}.weight" for n in names)
+                out[gate], out[up] = rows(gate, width), rows(up, width)
+                out[down] = store.full(down)[:, width.start:width.stop]
+            mlp_names = ()
+        else:
+            mlp_names = ("gate_proj", "up_proj", "down_proj")
+        for proj in mlp_names:
+            name = f"{p}mlp.{proj}.weight"
+            out[name] = store.full(name)[:, mlp.start:mlp.stop] if proj == "down_proj" else rows(name, mlp)
         for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             if p + norm + ".weight" in store:
                 out[p + norm + ".weight"] = store.full(p + norm + ".weight")
@@ -186,7 +199,8 @@ def test_weights_packed_for_onednn_compute_the_same_bits(checkpoints, variant):
     _, _, packed = build(path, Topology(1, 1), 0, torch.bfloat16)
     assert pack_linears(packed) > 0
     layers = [m for m in packed.modules() if hasattr(m, "pack")]
-    assert len(layers) == 4 * cfg.num_layers + 1 and all(m.packed is not None for m in layers)
+    dense = cfg.num_layers - (len(cfg.moe.sparse_layers) if cfg.moe else 0)  # experts are not packed
+    assert len(layers) == 2 * cfg.num_layers + 2 * dense + 1 and all(m.packed is not None for m in layers)
     outs = []
     for model in (views, packed):
         kv = KVCache(cfg, Topology(1, 1), 0, num_blocks=8, block_size=4, dtype=torch.bfloat16,

@@ -75,7 +75,11 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = self.attention_class(cfg, ctx, layer, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                                 f"{prefix}.post_attention_layernorm.weight")
-        self.mlp = LlamaMLP(cfg, ctx, f"{prefix}.mlp")
+        self.mlp = self.make_mlp(cfg, ctx, layer, prefix)
+
+    def make_mlp(self, cfg: ModelConfig, ctx: ParallelContext, layer: int, prefix: str) -> nn.Module:
+        """This layer's MLP: dense in this family (mixture-of-experts families override it)."""
+        return LlamaMLP(cfg, ctx, f"{prefix}.mlp")
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch,
                 kv: KVCache) -> torch.Tensor:

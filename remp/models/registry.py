@@ -16,6 +16,8 @@ ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "remp.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "remp.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "remp.models.qwen3:Qwen3ForCausalLM",
+    "MixtralForCausalLM": "remp.models.mixtral:MixtralForCausalLM",
+    "Qwen3MoeForCausalLM": "remp.models.qwen3_moe:Qwen3MoeForCausalLM",
 }
 
 

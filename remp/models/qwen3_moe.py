@@ -1,0 +1,23 @@
+"""Qwen3-MoE: Qwen3 (q/k norms, explicit head_dim) whose MLPs are mixtures of experts
+(remp.layers.moe) on the layers the config names (`decoder_sparse_step`, not in
+`mlp_only_layers`), dense elsewhere; top-k of the router's softmax, renormalised when
+`norm_topk_prob`; experts named gate_proj, up_proj, down_proj under `mlp`."""
+from __future__ import annotations
+
+from torch import nn
+
+from remp.config import ModelConfig
+from remp.layers.moe import SparseMoE
+from remp.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
+from remp.parallel.context import ParallelContext
+
+
+class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
+    def make_mlp(self, cfg: ModelConfig, ctx: ParallelContext, layer: int, prefix: str) -> nn.Module:
+        if layer in cfg.moe.sparse_layers:
+            return SparseMoE(cfg, ctx, f"{prefix}.mlp", ("gate_proj", "up_proj", "down_proj"))
+        return super().make_mlp(cfg, ctx, layer, prefix)
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    layer_class = Qwen3MoeDecoderLayer
