@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     reconf.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     reconf.add_argument("--tensor-parallel-size", "--tp", type=int, required=True)
     reconf.add_argument("--pipeline-parallel-size", "--pp", type=int, required=True)
+    reconf.add_argument("--enable-expert-parallel", action="store_true",
+                        help="target expert parallelism (mixture-of-experts models)")
     reconf.add_argument("--api-key", default=os.environ.get("REMP_API_KEY"))
     reconf.add_argument("--json", action="store_true", help="print the server's full JSON reply")
     reconf.set_defaults(run=_reconfigure)
@@ -86,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--variant", "--arch", default="gqa",
                       choices=("gqa", "mha", "qwen2", "qwen3", "mistral", "mixtral", "qwen3-moe"),
                       help="gqa (Llama, 8 query / 2 KV heads, default), mha (Llama, 4 / 4), qwen2 (4 / 2, qkv bias), "
-                           "qwen3 (4 / 2, q/k norms, head_dim 32), mistral (8 / 2), mixtral (8 / 2, 6 experts, "
-                           "top-2) or qwen3-moe (as qwen3, 6 experts, top-2, layer 1 dense)")
+                           "qwen3 (4 / 2, q/k norms, head_dim 32), mistral (8 / 2), mixtral (8 / 2, 8 experts, "
+                           "top-2) or qwen3-moe (as qwen3, 8 experts, top-2, layer 1 dense)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_make_tiny_model)
 
@@ -129,6 +131,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="Hugging Face model directory")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="mixture-of-experts models: spread whole experts over the tensor-parallel ranks "
+                             "instead of cutting every expert (attention stays tensor-parallel)")
     parser.add_argument("--worker-pool-size", type=int,
                         help="worker processes, standbys included (default: tp * pp)")
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -158,6 +163,7 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(
         model=args.model,
         tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         pipeline_parallel_size=args.pipeline_parallel_size,
         worker_pool_size=args.worker_pool_size,
         max_num_seqs=args.max_num_seqs,
@@ -284,7 +290,8 @@ def _reconfigure(args: argparse.Namespace) -> int:
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    body = {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size}
+    body = {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
+            "enable_expert_parallel": args.enable_expert_parallel}
     try:
         reply = httpx.post(f"{args.url.rstrip('/')}/v1/admin/reconfigure", json=body, headers=headers, timeout=600)
     except httpx.HTTPError as exc:
@@ -297,8 +304,11 @@ def _reconfigure(args: argparse.Namespace) -> int:
     else:
         src, dst = data["source"], data["target"]
         t = data["timings_s"]
-        print(f"{data['outcome']}: tp{src['tensor_parallel_size']}pp{src['pipeline_parallel_size']} -> "
-              f"tp{dst['tensor_parallel_size']}pp{dst['pipeline_parallel_size']}"
+        def name(layout: dict) -> str:
+            return (f"tp{layout['tensor_parallel_size']}pp{layout['pipeline_parallel_size']}"
+                    + ("ep" if layout.get("enable_expert_parallel") else ""))
+
+        print(f"{data['outcome']}: {name(src)} -> {name(dst)}"
               + (f" ({data['reason']})" if data.get("reason") else ""))
         if t:
             def ms(times: dict[str, float]) -> str:

@@ -169,6 +169,7 @@ class EngineConfig:
     model: str
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # mixture of experts: whole experts spread over the tensor group
     worker_pool_size: int | None = None  # default: tp * pp
     max_num_seqs: int = 32
     max_model_len: int | None = None  # default: min(model's max_position_embeddings, 4096)

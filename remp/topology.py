@@ -32,22 +32,27 @@ class Topology:
     """tp × pp layout over ranks 0 .. tp*pp-1 of the worker pool (the rest are standby).
 
     Rank numbering is stage-major: rank = stage * tp + tp_rank, so each stage's tensor
-    group is a contiguous run of ranks.
+    group is a contiguous run of ranks. With `ep` (a mixture-of-experts model), the experts are
+    spread over each stage's tensor group instead of cut over their width: each rank holds whole
+    experts (`experts_of`); attention stays tensor-parallel.
     """
 
     tp: int = 1
     pp: int = 1
+    ep: bool = False  # expert parallelism over the tensor group (vLLM's --enable-expert-parallel)
 
     def __str__(self) -> str:
-        return f"tp{self.tp}pp{self.pp}"
+        return f"tp{self.tp}pp{self.pp}" + ("ep" if self.ep else "")
 
     @classmethod
     def parse(cls, name: str) -> "Topology":
-        """The inverse of str(): 'tp2pp4' -> Topology(2, 4)."""
-        tp, sep, pp = name.strip().removeprefix("tp").partition("pp")
+        """The inverse of str(): 'tp2pp4' -> Topology(2, 4); 'tp2pp1ep' -> Topology(2, 1, ep=True)."""
+        text = name.strip()
+        ep = text.endswith("ep")
+        tp, sep, pp = text.removesuffix("ep").removeprefix("tp").partition("pp")
         if not (sep and tp.isdigit() and pp.isdigit()):
-            raise TopologyError(f"a layout is written tpXppY (e.g. tp2pp1), got {name!r}")
-        return cls(int(tp), int(pp))
+            raise TopologyError(f"a layout is written tpXppY or tpXppYep (e.g. tp2pp1), got {name!r}")
+        return cls(int(tp), int(pp), ep)
 
     @property
     def world_size(self) -> int:
@@ -70,6 +75,13 @@ class Topology:
                                 f"{model.num_layers} layers")
         if self.world_size > pool_size:
             raise TopologyError(f"tp*pp = {self.world_size} workers needed but the pool has {pool_size}")
+        if self.ep:
+            if model.moe is None:
+                raise TopologyError(f"enable_expert_parallel needs a mixture-of-experts model; "
+                                    f"{model.architecture} is dense")
+            if model.moe.num_experts % self.tp:
+                raise TopologyError(f"expert parallelism over tensor_parallel_size {self.tp} needs the "
+                                    f"{model.moe.num_experts} experts to divide evenly over the {self.tp} ranks")
 
     # ranks
     def rank(self, stage: int, tp_rank: int) -> int:
@@ -107,6 +119,17 @@ class Topology:
     def mlp_slice(self, tp_rank: int, intermediate_size: int) -> range:
         return split_range(intermediate_size, self.tp, tp_rank)
 
+    # experts
+    def experts_of(self, tp_rank: int, num_experts: int) -> range:
+        """The experts this tensor rank holds: a contiguous block of them under expert
+        parallelism (linear placement), else every expert (each cut by `expert_slice`)."""
+        return split_range(num_experts, self.tp, tp_rank) if self.ep else range(num_experts)
+
+    def expert_slice(self, tp_rank: int, intermediate_size: int) -> range:
+        """The intermediate features of each expert it holds: whole under expert parallelism,
+        else the dense MLP's cut."""
+        return range(intermediate_size) if self.ep else self.mlp_slice(tp_rank, intermediate_size)
+
     def vocab_slice(self, tp_rank: int, vocab_size: int) -> range:
         """Vocabulary rows of the embedding and LM head on this tensor rank; every rank's
         slice has the padded size ceil(V / tp) so gathers are even (the last may run past V)."""
@@ -115,12 +138,15 @@ class Topology:
 
 
 def valid_layouts(model: ModelConfig, pool_size: int) -> list[Topology]:
-    """Every tp x pp layout `model` can run on `pool_size` workers, tp-major: what a switch may
+    """Every tp x pp layout `model` can run on `pool_size` workers (and, for a mixture of
+    experts, each with expert parallelism where valid), tp-major: what a switch may
     target, so what a profile or a benchmark covers by default. Validity is `Topology.validate`'s."""
     layouts = []
     for tp in range(1, pool_size + 1):
         for pp in range(1, pool_size // tp + 1):
-            with contextlib.suppress(TopologyError):
-                Topology(tp, pp).validate(model, pool_size)
-                layouts.append(Topology(tp, pp))
+            # expert parallelism is a layout of its own where it spreads experts (tp > 1)
+            for ep in (False, True) if model.moe is not None and tp > 1 else (False,):
+                with contextlib.suppress(TopologyError):
+                    Topology(tp, pp, ep).validate(model, pool_size)
+                    layouts.append(Topology(tp, pp, ep))
     return layouts

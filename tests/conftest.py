@@ -25,11 +25,11 @@ def tiny_qwen3(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory) -> str:
-    """Mixtral: 8 query / 2 KV heads, 6 experts of width 96, top-2 renormalised, 4 layers."""
+    """Mixtral: 8 query / 2 KV heads, 8 experts of width 96, top-2 renormalised, 4 layers."""
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mixtral", variant="mixtral"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_moe(tmp_path_factory) -> str:
-    """Qwen3-MoE: as tiny_qwen3, 6 experts of width 48, top-2 renormalised, layer 1 dense."""
+    """Qwen3-MoE: as tiny_qwen3, 8 experts of width 48, top-2 renormalised, layer 1 dense."""
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe", variant="qwen3-moe"))

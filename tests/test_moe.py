@@ -1,7 +1,8 @@
-"""Mixture-of-experts models (Mixtral, Qwen3-MoE) under tensor parallelism over the experts'
-width: transformers-exact greedy tokens and log-probabilities on every layout of a pool of 4,
-tokens kept across a live tour of layouts, and the experts' block against transformers' own on a
-router that sends every token to the same expert."""
+"""Mixture-of-experts models (Mixtral, Qwen3-MoE), their experts tensor-parallel (cut over their
+width) or expert-parallel (whole, spread over the tensor group): transformers-exact greedy tokens
+and log-probabilities on every layout of a pool of 4, tokens kept across a live tour that switches
+TP <-> EP and EP 2 -> 4 -> 2, and the experts' block against transformers' own on a router that
+sends every token to the same expert."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ from remp.config import EngineConfig, ModelConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
 from remp.topology import Topology, valid_layouts
-from helpers import transformers_greedy
+from helpers import remp_server, transformers_greedy
 
 POOL = 4
 PROMPTS = [[5, 17, 99, 3, 42], list(range(30, 71)), [400, 2, 250, 7, 7, 7, 19]]
@@ -30,7 +31,7 @@ def family(request):
 
 
 def generate(engine: LLMEngine, tag: str, switch_to: list[Topology] = ()) -> list:
-    """Run PROMPTS to the end; with `switch_to`, switch live to each layout in turn, two steps apart."""
+    """Run PROMPTS to the end; with `switch_to`, switch live to each layout in turn, a step apart."""
     done = {}
 
     def book(outs):
@@ -42,7 +43,7 @@ def generate(engine: LLMEngine, tag: str, switch_to: list[Topology] = ()) -> lis
     while engine.has_unfinished():
         book(engine.step())
         steps += 1
-        if pending and steps % 2 == 0:
+        if pending and steps >= 2:
             result = engine.reconfigure(pending.pop(0), book)
             assert result.outcome == "committed", result.reason
     assert not pending, "the requests ended before every switch"
@@ -52,7 +53,9 @@ def generate(engine: LLMEngine, tag: str, switch_to: list[Topology] = ()) -> lis
 def test_every_layout_of_the_pool_matches_transformers(family):
     path, engine, reference = family
     layouts = valid_layouts(ModelConfig.from_pretrained(path), POOL)
-    assert {(t.tp, t.pp) for t in layouts} >= {(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4)}
+    assert {(t.tp, t.pp, t.ep) for t in layouts} >= {(1, 1, False), (2, 1, False), (4, 1, False), (1, 2, False),
+                                                      (2, 2, False), (1, 4, False), (2, 1, True), (4, 1, True),
+                                                      (2, 2, True)}
     for layout in layouts:
         engine.reconfigure(layout, lambda outs: None)
         for out, (tokens, logits) in zip(generate(engine, f"{layout}-"), reference):
@@ -65,7 +68,9 @@ def test_every_layout_of_the_pool_matches_transformers(family):
 def test_requests_keep_their_tokens_across_a_live_tour(family):
     _, engine, reference = family
     engine.reconfigure(Topology(1, 1), lambda outs: None)
-    tour = [Topology(2, 1), Topology(1, 2), Topology(4, 1), Topology(2, 2), Topology(1, 1)]
+    # TP -> EP with attention unchanged, EP 2 -> 4 -> 2 (standbys join and leave), EP -> TP, PP
+    tour = [Topology(2, 1), Topology(2, 1, ep=True), Topology(4, 1, ep=True), Topology(2, 1, ep=True),
+            Topology(2, 2, ep=True), Topology(2, 2), Topology(1, 1)]
     outs = generate(engine, "tour-", switch_to=tour)
     assert [o.token_ids for o in outs] == [tokens for tokens, _ in reference]
 
@@ -92,9 +97,9 @@ def test_a_router_that_sends_every_token_to_one_expert(request, variant):
     router[4] = 1.0
     w_gate, w_up, w_down = (torch.randn(E, *shape, generator=gen) * 0.2 for shape in ((I, H), (I, H), (H, I)))
     moe.router_weight = torch.nn.Parameter(router)
-    for e, expert in enumerate(moe.experts):
+    for e, expert in moe.experts.items():
         expert.gate_weight, expert.up_weight, expert.down_weight = (
-            torch.nn.Parameter(w[e]) for w in (w_gate, w_up, w_down))
+            torch.nn.Parameter(w[int(e)]) for w in (w_gate, w_up, w_down))
     block = (MixtralSparseMoeBlock if mixtral else Qwen3MoeSparseMoeBlock)(hf_cfg)
     with torch.no_grad():
         block.gate.weight.copy_(router)
@@ -105,3 +110,44 @@ def test_a_router_that_sends_every_token_to_one_expert(request, variant):
     assert (chosen[:, 0] == 4).all()
     with torch.no_grad():
         torch.testing.assert_close(moe(x), block(x[None])[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_switch_between_tp_and_ep_moves_no_kv_and_keeps_the_attention_weights(family):
+    """TP <-> EP changes expert ownership only: no KV block moves, no weight is copied."""
+    _, engine, _ = family
+    engine.reconfigure(Topology(2, 1), lambda outs: None)
+    for target in (Topology(2, 1, ep=True), Topology(2, 1)):
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(f"kv-{target}-{i}", p, GREEDY)
+        for _ in range(3):
+            engine.step()
+        result = engine.reconfigure(target, lambda outs: None)
+        assert result.outcome == "committed" and result.live_kv_blocks > 0, result.reason
+        assert result.kv_bytes_moved == 0 and result.weight_bytes_loaded == 0
+        assert result.target["enable_expert_parallel"] == target.ep
+        while engine.has_unfinished():
+            engine.step()
+
+
+def test_the_server_switches_tp_and_ep_and_reports_it(tiny_mixtral, tmp_path):
+    """Over HTTP: `remp serve --enable-expert-parallel`, then POST /v1/admin/reconfigure to TP and
+    back; GET /v1/admin/topology says which; the same completion before and after."""
+    import httpx
+
+    with remp_server(tiny_mixtral, tmp_path / "serve.log", "-tp", "2", "--enable-expert-parallel",
+                     "--served-model-name", "moe") as url:
+        def ask() -> str:
+            body = {"model": "moe", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+        def topology() -> dict:
+            return httpx.get(f"{url}/v1/admin/topology").json()
+
+        assert topology()["enable_expert_parallel"] is True
+        before = ask()
+        for ep in (False, True):
+            r = httpx.post(f"{url}/v1/admin/reconfigure", timeout=300, json={
+                "tensor_parallel_size": 2, "pipeline_parallel_size": 1, "enable_expert_parallel": ep})
+            assert r.status_code == 200 and r.json()["outcome"] == "committed", r.text
+            assert r.json()["target"]["enable_expert_parallel"] is ep and topology()["enable_expert_parallel"] is ep
+            assert ask() == before

@@ -70,7 +70,8 @@ def test_topology_reports_active_and_standby(server):
     assert len({w["pid"] for w in workers}) == 4
     startup = reply.pop("worker_startup_s")
     assert len(startup) == 4 and all(s > 0 for s in startup)
-    assert reply == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "worker_pool_size": 4,
+    assert reply == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "enable_expert_parallel": False,
+                     "worker_pool_size": 4,
                      "active_ranks": [0, 1], "standby_ranks": [2, 3], "worker_replacements": 0}
 
 
@@ -91,7 +92,7 @@ def test_stream_in_flight_survives_switches(server, tiny_gqa):
     # The slowest worker's build, part by part, is a share of the prepare phase that waited for it.
     assert set(body["build_s"]) == {"groups", "shard", "model", "kv"}
     assert all(0 <= s <= body["timings_s"]["prepare"] for s in body["build_s"].values())
-    assert body["source"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2}
+    assert body["source"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "enable_expert_parallel": False}
     assert result["text"] == reference
     assert layout(server)["tensor_parallel_size"] == 1 and layout(server)["pipeline_parallel_size"] == 2
     samples = {(s.name, s.labels.get("outcome")): s.value for f in
@@ -135,8 +136,18 @@ def test_invalid_target_is_400_and_changes_nothing(server, tp, pp, reason):
     assert layout(server) == before
 
 
+def test_expert_parallelism_on_a_dense_model_is_400_and_changes_nothing(server):
+    before = layout(server)
+    r = httpx.post(f"{server}/v1/admin/reconfigure", headers=AUTH, timeout=300,
+                   json={"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "enable_expert_parallel": True})
+    assert r.status_code == 400 and "needs a mixture-of-experts model" in r.json()["error"]["message"]
+    assert layout(server) == before and before["enable_expert_parallel"] is False
+
+
 @pytest.mark.parametrize("body", [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 0, "pipeline_parallel_size": 1},
-                                  {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "extra": 1}])
+                                  {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "extra": 1},
+                                  {"tensor_parallel_size": 2, "pipeline_parallel_size": 1,
+                                   "enable_expert_parallel": "yes"}])
 def test_malformed_reconfigure_is_400(server, body):
     r = httpx.post(f"{server}/v1/admin/reconfigure", headers=AUTH, json=body)
     assert r.status_code == 400 and "error" in r.json()

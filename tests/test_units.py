@@ -112,6 +112,27 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
 
 
+def test_expert_ownership_is_a_function_of_the_layout():
+    import dataclasses
+
+    from remp.config import MoEConfig
+
+    moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=96, renormalize=True, scores_in_float=True,
+                    sparse_layers=(0, 1))
+    m = dataclasses.replace(ModelConfig(**TINY_FIELDS), architecture="MixtralForCausalLM", moe=moe)
+    ep, tp = Topology(4, 1, ep=True), Topology(4, 1)
+    assert [list(ep.experts_of(r, 8)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all(ep.expert_slice(r, 96) == range(96) for r in range(4))
+    assert all(tp.experts_of(r, 8) == range(8) for r in range(4))
+    assert [tp.expert_slice(r, 96) for r in range(4)] == [range(0, 24), range(24, 48), range(48, 72), range(72, 96)]
+    assert str(ep) == "tp4pp1ep" and Topology.parse("tp4pp1ep") == ep and Topology.parse("tp4pp1") == tp
+    ep.validate(m, 4)
+    with pytest.raises(TopologyError, match="8 experts to divide evenly over the 3 ranks"):
+        Topology(3, 1, ep=True).validate(dataclasses.replace(m, num_heads=12, num_kv_heads=3), 4)
+    with pytest.raises(TopologyError, match="needs a mixture-of-experts model"):
+        Topology(2, 1, ep=True).validate(ModelConfig(**TINY_FIELDS), 4)
+
+
 def test_block_manager():
     bm = BlockManager(4, 16)
     a = bm.allocate(3)

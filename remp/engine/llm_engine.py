@@ -68,7 +68,7 @@ class LLMEngine:
 
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
-        topo = Topology(config.tensor_parallel_size, config.pipeline_parallel_size)
+        topo = Topology(config.tensor_parallel_size, config.pipeline_parallel_size, config.enable_expert_parallel)
         topo.validate(self.model_config, config.pool_size)
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 4096)
         if self.max_model_len > self.model_config.max_position_embeddings:

@@ -1,10 +1,11 @@
-"""A mixture-of-experts MLP (Mixtral, Qwen3-MoE), tensor-parallel over the experts' width.
+"""A mixture-of-experts MLP (Mixtral, Qwen3-MoE), over a stage's tensor group.
 
-Every rank holds the router whole and, of every expert, the rows `topo.mlp_slice` gives of its
-gate and up projections and the same columns of its down projection — the dense MLP's split,
-applied to each expert. Each rank routes every token (the router's input is the same on all
-ranks), runs the chosen experts on its slice, and one all-reduce sums the slices, as after a
-dense MLP. Routing follows transformers: softmax in float32 over all experts, the top k, divided
+Every rank holds the router whole. Tensor-parallel (the default), it holds every expert cut to
+the rows `topo.expert_slice` gives of its gate and up projections and the same columns of its
+down projection — the dense MLP's split, applied to each expert. Expert-parallel (`topo.ep`), it
+holds `topo.experts_of` its rank, whole. Either way each rank routes every token (the router's
+input is the same on all ranks), runs the chosen experts it holds, and one all-reduce over the
+tensor group sums the parts, as after a dense MLP: a switch between the two moves no KV. Routing follows transformers: softmax in float32 over all experts, the top k, divided
 by their sum where the model renormalises; each expert's output is scaled by its weight and
 added in ascending expert order.
 """
@@ -42,10 +43,10 @@ class SparseMoE(nn.Module):
         moe = cfg.moe
         self.ctx = ctx
         self.top_k, self.renormalize, self.scores_in_float = moe.top_k, moe.renormalize, moe.scores_in_float
-        rows = ctx.topo.mlp_slice(ctx.tp_rank, moe.intermediate_size)
+        rows = ctx.topo.expert_slice(ctx.tp_rank, moe.intermediate_size)
         self.router_weight = sharded_parameter((moe.num_experts, cfg.hidden_size), f"{prefix}.gate.weight")
-        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, rows, f"{prefix}.experts.{e}", names)
-                                     for e in range(moe.num_experts))
+        self.experts = nn.ModuleDict({str(e): ExpertMLP(cfg.hidden_size, rows, f"{prefix}.experts.{e}", names)
+                                      for e in ctx.topo.experts_of(ctx.tp_rank, moe.num_experts)})
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k]."""
@@ -60,7 +61,10 @@ class SparseMoE(nn.Module):
         self.ctx.stop_if_cut()
         out = torch.zeros_like(x)
         for e in torch.unique(chosen).tolist():  # ascending, as transformers adds them
+            expert = self.experts[str(e)] if str(e) in self.experts else None
+            if expert is None:  # another rank's (expert parallelism)
+                continue
             token, slot = torch.where(chosen == e)
-            y = self.experts[e](x[token]) * weights[token, slot, None]
+            y = expert(x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return self.ctx.all_reduce(out, check_cut=True)

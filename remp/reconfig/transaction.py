@@ -77,7 +77,7 @@ class ReconfigResult:
 
 
 def _layout(topo: Topology) -> dict:
-    return {"tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp}
+    return {"tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp, "enable_expert_parallel": topo.ep}
 
 
 def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[list[RequestOutput]], None],

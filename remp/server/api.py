@@ -150,7 +150,8 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
         topo, stats = engine.topology, engine.stats()
         pool = engine.config.pool_size
         return Response(json.dumps({
-            "tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp, "worker_pool_size": pool,
+            "tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp, "enable_expert_parallel": topo.ep,
+            "worker_pool_size": pool,
             "active_ranks": list(range(topo.world_size)), "standby_ranks": list(range(topo.world_size, pool)),
             "num_kv_blocks": stats.num_kv_blocks, "workers": engine.workers(),
             "worker_replacements": stats.num_worker_replacements,
@@ -159,7 +160,8 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
     @app.post("/v1/admin/reconfigure")
     async def reconfigure(body: ReconfigureRequest) -> Response:
         try:
-            result = await engine.reconfigure(Topology(body.tensor_parallel_size, body.pipeline_parallel_size))
+            result = await engine.reconfigure(Topology(body.tensor_parallel_size, body.pipeline_parallel_size,
+                                                       body.enable_expert_parallel))
         except ReconfigInProgress as exc:
             raise APIError(409, str(exc), code="reconfiguration_in_progress") from None
         except ValueError as exc:  # TopologyError, or a KV cache too small for the target

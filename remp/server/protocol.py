@@ -373,3 +373,4 @@ class ReconfigureRequest(BaseModel):
 
     tensor_parallel_size: int = Field(ge=1)
     pipeline_parallel_size: int = Field(ge=1)
+    enable_expert_parallel: bool = False

@@ -91,8 +91,8 @@ def make_tiny_model(
     "mha" (Llama, 4 / 4 heads, tied) or "qwen2" (Qwen2 with qkv bias, 4 / 2
     heads, tied), "qwen3" (Qwen3: per-head q/k norms, head_dim 32 though
     hidden / heads is 16, 4 / 2 heads, untied), "mistral" (Mistral, 8 / 2
-    heads, untied), "mixtral" (Mixtral: 8 / 2 heads, 6 experts of width 96, top-2)
-    or "qwen3-moe" (Qwen3-MoE: as qwen3, 6 experts of width 48, top-2 renormalised,
+    heads, untied), "mixtral" (Mixtral: 8 / 2 heads, 8 experts of width 96, top-2)
+    or "qwen3-moe" (Qwen3-MoE: as qwen3, 8 experts of width 48, top-2 renormalised,
     layer 1 dense).  With ``max_shard_size`` (e.g. "200KB") the weights are split
     into several safetensors files plus an index, to exercise sharded loading.
     Returns the directory.
@@ -197,15 +197,15 @@ def _build_config(variant: str, tokenizer: PreTrainedTokenizerFast) -> Pretraine
         return MistralConfig(
             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None, **common
         )
-    # Mixture of experts: 6 experts (more than a pool of 4 has ranks, and not a multiple of it),
+    # Mixture of experts: 8 experts (more than a pool of 4 has ranks; whole on 2 or 4 of them),
     # top-2; random routers send tokens to experts unevenly.
     if variant == "mixtral":
         return MixtralConfig(
             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None,
-            num_local_experts=6, num_experts_per_tok=2, **{**common, "intermediate_size": 96}
+            num_local_experts=8, num_experts_per_tok=2, **{**common, "intermediate_size": 96}
         )
     return Qwen3MoeConfig(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
-        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
         mlp_only_layers=[1], **common
     )

@@ -49,8 +49,8 @@ def sharded_parameter(shape: tuple[int, ...], *names: str, rows: range | None = 
 def load_weights(model: nn.Module, store: WeightStore, dtype: torch.dtype, device: torch.device,
                  reuse: Mapping[str, nn.Parameter] | None = None) -> None:
     """Put every placeholder of `model` in place: its checkpoint slice in `dtype` on `device`
-    (a view of the mapping when nothing needs converting). A parameter of the same name in
-    `reuse` (the same rank's model under a layout with the same tensor split, e.g. already on
+    (a view of the mapping when nothing needs converting). A parameter of the same name and the
+    same checkpoint slice in `reuse` (the same rank's model under another layout, e.g. already on
     the GPU) is taken as it is."""
     reuse = reuse or {}
     for owner_name, owner in model.named_modules():
@@ -58,10 +58,10 @@ def load_weights(model: nn.Module, store: WeightStore, dtype: torch.dtype, devic
             if param is None:
                 continue
             name = f"{owner_name}.{attr}" if owner_name else attr
-            if name in reuse:
+            source: CheckpointSlice = param.source
+            if name in reuse and getattr(reuse[name], "source", None) == source:
                 owner._parameters[attr] = reuse[name]
                 continue
-            source: CheckpointSlice = param.source
             value = source.take(store)
             if tuple(value.shape) != tuple(param.shape):
                 raise ModelError(f"checkpoint tensor {source.names[0]!r} gives {name} the shape "
