@@ -61,12 +61,15 @@ def expected_slices(store: WeightStore, cfg: ModelConfig, topo: Topology, rank: 
                 out[f"{p}self_attn.{proj}_proj.{kind}"] = rows(f"{p}self_attn.{proj}_proj.{kind}", span)
         out[p + "self_attn.o_proj.weight"] = store.full(p + "self_attn.o_proj.weight")[:, q_rows.start:q_rows.stop]
         if cfg.moe is not None and layer in cfg.moe.sparse_layers:
-            # every expert cut like a dense MLP to this rank's slice of its width; the router whole
+            # the router whole; every expert cut like a dense MLP to this rank's slice of its width,
+            # or, under expert parallelism, this rank's contiguous block of experts, whole
             moe, names = ("block_sparse_moe", ("w1", "w3", "w2")) if cfg.architecture == "MixtralForCausalLM" \
                 else ("mlp", ("gate_proj", "up_proj", "down_proj"))
-            width = topo.mlp_slice(t, cfg.moe.intermediate_size)
+            n, i = cfg.moe.num_experts, cfg.moe.intermediate_size
+            width = range(i) if topo.ep else range(t * i // topo.tp, (t + 1) * i // topo.tp)
+            experts = range(t * n // topo.tp, (t + 1) * n // topo.tp) if topo.ep else range(n)
             out[f"{p}{moe}.gate.weight"] = store.full(f"{p}{moe}.gate.weight")
-            for e in range(cfg.moe.num_experts):
+            for e in experts:
                 gate, up, down = (f"{p}{moe}.experts.{e}.{n}.weight" for n in names)
                 out[gate], out[up] = rows(gate, width), rows(up, width)
                 out[down] = store.full(down)[:, width.start:width.stop]

@@ -151,3 +151,38 @@ def test_the_server_switches_tp_and_ep_and_reports_it(tiny_mixtral, tmp_path):
             assert r.status_code == 200 and r.json()["outcome"] == "committed", r.text
             assert r.json()["target"]["enable_expert_parallel"] is ep and topology()["enable_expert_parallel"] is ep
             assert ask() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank,action", [(1, "kill"), (0, "hang")])
+def test_a_worker_lost_in_a_tp_to_ep_switch_rolls_back_and_is_replaced(tiny_mixtral, monkeypatch, rank, action):
+    """A serving rank killed, or stopped, while it prepares the expert-parallel target: the switch
+    rolls back, the rank is replaced, and no request fails or changes; then the switch commits."""
+    from remp.executor.messages import FAULT_ENV
+
+    reference = [tokens for tokens, _ in transformers_greedy(tiny_mixtral, PROMPTS, MAX_TOKENS)]
+    monkeypatch.setenv(FAULT_ENV, f"prepare:{rank}:{action}")
+    engine = LLMEngine(EngineConfig(dtype="float32", model=tiny_mixtral, tensor_parallel_size=2, worker_pool_size=4,
+                                    max_model_len=128, block_size=4, worker_hang_timeout_s=4.0))
+    try:
+        for attempt, outcome in (("a", "rolled_back"), ("b", "committed")):
+            done, results = {}, []
+
+            def book(outs):
+                done.update({o.request_id: o for o in outs if o.finished})
+
+            for i, p in enumerate(PROMPTS):
+                engine.add_request(f"{attempt}{i}", p, GREEDY)
+            for _ in range(3):
+                book(engine.step())
+            results.append(engine.reconfigure(Topology(2, 1, ep=True), book))
+            while engine.has_unfinished():
+                book(engine.step())
+            result = results[0]
+            assert result.outcome == outcome, result.reason
+            assert [done[f"{attempt}{i}"].token_ids for i in range(len(PROMPTS))] == reference
+            if outcome == "rolled_back":
+                assert result.replaced_ranks == [rank] and engine.topology == Topology(2, 1)
+        assert engine.topology == Topology(2, 1, ep=True) and engine.stats().num_worker_replacements == 1
+    finally:
+        engine.shutdown()
