@@ -126,8 +126,14 @@ class Bandwidth:
         return self.bytes_per_s[self.floor_probe_bytes]
 
 
-def _name(layout: dict[str, int]) -> str:
-    return str(Topology(layout["tensor_parallel_size"], layout["pipeline_parallel_size"]))
+def _name(layout: dict) -> str:
+    return str(Topology(layout["tensor_parallel_size"], layout["pipeline_parallel_size"],
+                        bool(layout.get("enable_expert_parallel"))))
+
+
+def layout_flags(layout: Topology) -> list[str]:
+    """The `remp serve` flags that start a server in `layout`."""
+    return ["-tp", str(layout.tp), "-pp", str(layout.pp)] + (["--enable-expert-parallel"] if layout.ep else [])
 
 
 def score(switch: Switch, restart_s: float, bandwidth: float) -> PairResult:
@@ -172,7 +178,8 @@ async def walk_tour(session: aiohttp.ClientSession, base_url: str, tour: list[To
     switches = []
     for target in tour[1:]:
         await asyncio.sleep(settle_s)
-        body = {"tensor_parallel_size": target.tp, "pipeline_parallel_size": target.pp}
+        body = {"tensor_parallel_size": target.tp, "pipeline_parallel_size": target.pp,
+                "enable_expert_parallel": target.ep}
         async with session.post(f"{base_url}/v1/admin/reconfigure", json=body,
                                 timeout=aiohttp.ClientTimeout(total=600)) as response:
             reply = await response.json()
@@ -206,7 +213,7 @@ async def switch_under_load(base_url: str, headers: dict[str, str], tour: list[T
 def restart_s(model: str, layout: Topology, server_args: list[str], headers: dict[str, str],
               payload: dict[str, Any], log_path: str) -> float:
     """Launch to first streamed token of a fresh server in `layout`: the cost a restart makes a user pay."""
-    server = ServerProcess(model, [*server_args, "-tp", str(layout.tp), "-pp", str(layout.pp)], log_path)
+    server = ServerProcess(model, [*server_args, *layout_flags(layout)], log_path)
     try:
         return launch_to_first_token(server, payload, headers)
     finally:
@@ -365,8 +372,7 @@ def run(args: argparse.Namespace) -> dict:
     logs = tempfile.mkdtemp(prefix="remp-bench-switch-")
     print(f"{len(tour) - 1} switches over {len(layouts)} layouts; server logs in {logs}", flush=True)
 
-    server = ServerProcess(args.model, [*server_args, "-tp", str(tour[0].tp), "-pp", str(tour[0].pp)],
-                           os.path.join(logs, "switch.log"))
+    server = ServerProcess(args.model, [*server_args, *layout_flags(tour[0])], os.path.join(logs, "switch.log"))
     server.start()
     try:
         switches, load = asyncio.run(switch_under_load(server.base_url, headers, tour, args.settle_s, payloads,
