@@ -112,3 +112,43 @@ def transformers_greedy(model_dir: str, prompts: list[list[int]], max_tokens: in
                           output_logits=True, return_dict_in_generate=True)
         refs.append((out.sequences[0, len(p):].tolist(), [torch.log_softmax(s[0].float(), -1) for s in out.logits]))
     return refs
+
+
+def generate(engine, prompts: list[list[int]], params, tag: str, switch_to=(), start: int = 2, every: int = 2):
+    """Run `prompts` through an in-process LLMEngine to the end. With `switch_to`, switch live to
+    each layout in turn: after `start` steps, then every `every` steps (each must commit).
+    Returns (the finished outputs in prompt order, the switch results)."""
+    done, results = {}, []
+
+    def book(outs):
+        done.update({o.request_id: o for o in outs if o.finished})
+
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}{i}", p, params)
+    pending, steps = list(switch_to), 0
+    while engine.has_unfinished():
+        book(engine.step())
+        steps += 1
+        if pending and steps >= start and (steps - start) % every == 0:
+            results.append(engine.reconfigure(pending.pop(0), book))
+            assert results[-1].outcome == "committed", results[-1].reason
+    assert not pending, "the requests ended before every switch"
+    return [done[f"{tag}{i}"] for i in range(len(prompts))], results
+
+
+def run_batch(engine, prompts: list[list[int]], params, tag: str, switch_to=None):
+    """Run `prompts` to the end, asking for a switch to `switch_to` (whatever its outcome) after 3
+    steps; returns (the token ids in prompt order, the switch result or None)."""
+    done = {}
+
+    def book(outs):
+        done.update({o.request_id: o for o in outs if o.finished})
+
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    for _ in range(3):
+        book(engine.step())
+    result = engine.reconfigure(switch_to, book) if switch_to else None
+    while engine.has_unfinished():
+        book(engine.step())
+    return [done[f"{tag}-{i}"].token_ids for i in range(len(prompts))], result

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+import helpers
 from helpers import REPO, remp, remp_server, requests_running, worker_pids
 from transformers import AutoModelForCausalLM
 
@@ -46,19 +47,7 @@ def reference(tiny_gqa) -> list[list[int]]:
 
 def run_batch(engine: LLMEngine, tag: str, switch_to: Topology | None = None):
     """Run PROMPTS to the end, switching after a few steps; returns (tokens, switch result)."""
-    done = {}
-
-    def book(outs):
-        done.update({o.request_id: o for o in outs if o.finished})
-
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(f"{tag}-{i}", p, GREEDY)
-    for _ in range(3):
-        book(engine.step())
-    result = engine.reconfigure(switch_to, book) if switch_to else None
-    while engine.has_unfinished():
-        book(engine.step())
-    return [done[f"{tag}-{i}"].token_ids for i in range(len(PROMPTS))], result
+    return helpers.run_batch(engine, PROMPTS, GREEDY, tag, switch_to)
 
 
 @pytest.mark.parametrize("phase,rank,action,loses_kv", [

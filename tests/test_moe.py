@@ -12,6 +12,7 @@ from remp.config import EngineConfig, ModelConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
 from remp.topology import Topology, valid_layouts
+import helpers
 from helpers import remp_server, transformers_greedy
 
 POOL = 4
@@ -32,22 +33,7 @@ def family(request):
 
 def generate(engine: LLMEngine, tag: str, switch_to: list[Topology] = ()) -> list:
     """Run PROMPTS to the end; with `switch_to`, switch live to each layout in turn, a step apart."""
-    done = {}
-
-    def book(outs):
-        done.update({o.request_id: o for o in outs if o.finished})
-
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(f"{tag}{i}", p, GREEDY)
-    pending, steps = list(switch_to), 0
-    while engine.has_unfinished():
-        book(engine.step())
-        steps += 1
-        if pending and steps >= 2:
-            result = engine.reconfigure(pending.pop(0), book)
-            assert result.outcome == "committed", result.reason
-    assert not pending, "the requests ended before every switch"
-    return [done[f"{tag}{i}"] for i in range(len(PROMPTS))]
+    return helpers.generate(engine, PROMPTS, GREEDY, tag, switch_to, start=2, every=1)[0]
 
 
 def test_every_layout_of_the_pool_matches_transformers(family):
@@ -166,21 +152,9 @@ def test_a_worker_lost_in_a_tp_to_ep_switch_rolls_back_and_is_replaced(tiny_mixt
                                     max_model_len=128, block_size=4, worker_hang_timeout_s=4.0))
     try:
         for attempt, outcome in (("a", "rolled_back"), ("b", "committed")):
-            done, results = {}, []
-
-            def book(outs):
-                done.update({o.request_id: o for o in outs if o.finished})
-
-            for i, p in enumerate(PROMPTS):
-                engine.add_request(f"{attempt}{i}", p, GREEDY)
-            for _ in range(3):
-                book(engine.step())
-            results.append(engine.reconfigure(Topology(2, 1, ep=True), book))
-            while engine.has_unfinished():
-                book(engine.step())
-            result = results[0]
+            tokens, result = helpers.run_batch(engine, PROMPTS, GREEDY, attempt, Topology(2, 1, ep=True))
             assert result.outcome == outcome, result.reason
-            assert [done[f"{attempt}{i}"].token_ids for i in range(len(PROMPTS))] == reference
+            assert tokens == reference
             if outcome == "rolled_back":
                 assert result.replaced_ranks == [rank] and engine.topology == Topology(2, 1)
         assert engine.topology == Topology(2, 1, ep=True) and engine.stats().num_worker_replacements == 1

@@ -8,6 +8,7 @@ from remp.config import EngineConfig
 from remp.engine.llm_engine import LLMEngine
 from remp.engine.sampling import SamplingParams
 from remp.topology import Topology
+import helpers
 from helpers import transformers_greedy
 
 PROMPTS = [[5, 17, 99, 3, 42], list(range(30, 71)), [400, 2, 250, 7, 7, 7, 19]]
@@ -29,24 +30,9 @@ def engine(tiny_qwen3):
 
 def generate(engine: LLMEngine, tag: str, switch_to: list[Topology] = ()) -> list:
     """Run PROMPTS to the end; with `switch_to`, switch live to each layout in turn, two steps apart."""
-    done = {}
-
-    def book(outs):
-        done.update({o.request_id: o for o in outs if o.finished})
-
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(f"{tag}{i}", p, GREEDY)
-    pending = list(switch_to)
-    steps = 0
-    while engine.has_unfinished():
-        book(engine.step())
-        steps += 1
-        if pending and steps % 2 == 0:
-            result = engine.reconfigure(pending.pop(0), book)
-            assert result.outcome == "committed", result.reason
-            assert result.precopied_kv_blocks + result.live_kv_blocks > 0
-    assert not pending, "the requests ended before every switch"
-    return [done[f"{tag}{i}"] for i in range(len(PROMPTS))]
+    outs, results = helpers.generate(engine, PROMPTS, GREEDY, tag, switch_to, start=2, every=2)
+    assert all(r.precopied_kv_blocks + r.live_kv_blocks > 0 for r in results)
+    return outs
 
 
 @pytest.mark.parametrize("layout", [Topology(1, 1), Topology(2, 1), Topology(1, 2)], ids=str)
