@@ -304,11 +304,9 @@ def _reconfigure(args: argparse.Namespace) -> int:
     else:
         src, dst = data["source"], data["target"]
         t = data["timings_s"]
-        def name(layout: dict) -> str:
-            return (f"tp{layout['tensor_parallel_size']}pp{layout['pipeline_parallel_size']}"
-                    + ("ep" if layout.get("enable_expert_parallel") else ""))
+        from remp.topology import Topology
 
-        print(f"{data['outcome']}: {name(src)} -> {name(dst)}"
+        print(f"{data['outcome']}: {Topology.from_dict(src)} -> {Topology.from_dict(dst)}"
               + (f" ({data['reason']})" if data.get("reason") else ""))
         if t:
             def ms(times: dict[str, float]) -> str:

@@ -54,6 +54,16 @@ class Topology:
             raise TopologyError(f"a layout is written tpXppY or tpXppYep (e.g. tp2pp1), got {name!r}")
         return cls(int(tp), int(pp), ep)
 
+    def as_dict(self) -> dict:
+        """The layout as the API writes it (POST /v1/admin/reconfigure, GET /v1/admin/topology)."""
+        return {"tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp, "enable_expert_parallel": self.ep}
+
+    @classmethod
+    def from_dict(cls, layout: dict) -> "Topology":
+        """The inverse of as_dict(), for a reply of the API."""
+        return cls(layout["tensor_parallel_size"], layout["pipeline_parallel_size"],
+                   bool(layout.get("enable_expert_parallel", False)))
+
     @property
     def world_size(self) -> int:
         """Ranks the layout uses (the active part of the pool)."""

@@ -126,6 +126,8 @@ def test_expert_ownership_is_a_function_of_the_layout():
     assert all(tp.experts_of(r, 8) == range(8) for r in range(4))
     assert [tp.expert_slice(r, 96) for r in range(4)] == [range(0, 24), range(24, 48), range(48, 72), range(72, 96)]
     assert str(ep) == "tp4pp1ep" and Topology.parse("tp4pp1ep") == ep and Topology.parse("tp4pp1") == tp
+    assert Topology.from_dict(ep.as_dict()) == ep and Topology.from_dict({"tensor_parallel_size": 4,
+                                                                        "pipeline_parallel_size": 1}) == tp
     ep.validate(m, 4)
     with pytest.raises(TopologyError, match="8 experts to divide evenly over the 3 ranks"):
         Topology(3, 1, ep=True).validate(dataclasses.replace(m, num_heads=12, num_kv_heads=3), 4)

@@ -85,7 +85,7 @@ class LayoutWatcher:
         while not self._stop.is_set():
             try:
                 topo = httpx.get(f"{self.base_url}/v1/admin/topology", timeout=5).json()
-                name = str(Topology(topo["tensor_parallel_size"], topo["pipeline_parallel_size"]))
+                name = str(Topology.from_dict(topo))
                 if not self.timeline or self.timeline[-1][1] != name:
                     self.timeline.append((time.monotonic() - self._start, name))
             except httpx.HTTPError:

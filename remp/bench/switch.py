@@ -69,8 +69,8 @@ class Switch:
     def from_reply(cls, reply: dict[str, Any]) -> Switch:
         timings = reply.get("timings_s") or {}
         return cls(
-            source=_name(reply["source"]),
-            target=_name(reply["target"]),
+            source=str(Topology.from_dict(reply["source"])),
+            target=str(Topology.from_dict(reply["target"])),
             outcome=reply["outcome"],
             reason=reply.get("reason"),
             pause_s=timings.get("pause", 0.0),
@@ -124,11 +124,6 @@ class Bandwidth:
     @property
     def floor_bytes_per_s(self) -> float:
         return self.bytes_per_s[self.floor_probe_bytes]
-
-
-def _name(layout: dict) -> str:
-    return str(Topology(layout["tensor_parallel_size"], layout["pipeline_parallel_size"],
-                        bool(layout.get("enable_expert_parallel"))))
 
 
 def layout_flags(layout: Topology) -> list[str]:

@@ -19,6 +19,11 @@ _MASK64 = (1 << 63) - 1
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
+def is_greedy(temperature: float, top_k: int) -> bool:
+    """Whether a row with these parameters takes its most likely token (no draw)."""
+    return temperature < GREEDY_BELOW_TEMPERATURE or top_k == 1
+
+
 @dataclass
 class SamplingParams:
     """What the OpenAI API calls the sampling parameters (n=1)."""
@@ -54,7 +59,7 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
     Gumbel-style sampling via exponential noise (argmax of p / E, E ~ Exp(1)) gives an
     exact draw from p with a single generator call per row.
     """
-    if temperature < GREEDY_BELOW_TEMPERATURE or top_k == 1:
+    if is_greedy(temperature, top_k):
         return int(torch.argmax(logits))
     scaled = logits / temperature
     if 0 < top_k < scaled.numel():

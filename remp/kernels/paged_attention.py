@@ -6,8 +6,9 @@ every layer of every step. Flex attention accepts a paged block mask, but in tor
 template fails to compile with dynamic shapes and at larger static ones, compiles seconds per new
 shape, and where it runs it was twice as slow as gather + SDPA at a 128-token context; Intel's
 extension (IPEX) stops at torch 2.8; vLLM's CPU op ships only inside vLLM. The kernel here is
-one C++ loop nest (a task per token and KV head, float32 softmax), built once per machine with
-torch's extension builder, the way PyTorch documents custom C++ operators.
+one C++ loop nest (a task per token, or per token and KV head when there are fewer tokens than
+threads; float32 softmax), built once per machine with torch's extension builder, the way
+PyTorch documents custom C++ operators.
 
 `load()` builds (first use; ~10 s) or loads the library and registers `torch.ops.remp.paged_attention`.
 It answers False, with the reason in `unavailable`, where it cannot be built (no C++ compiler):

@@ -68,16 +68,8 @@ class ParallelLMHead(nn.Module):
         return sum(p.nbytes for p in self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            parts = []
-            for chunk in self.packed:
-                self.ctx.stop_if_cut()
-                parts.append(chunk(x))
-            return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        if not self.ctx.stops_alone:
-            return F.linear(x, self.weight)
-        chunks = []
-        for rows in self.weight.split(self.chunk_rows):
-            self.ctx.stop_if_cut()
-            chunks.append(F.linear(x, rows))
-        return torch.cat(chunks, dim=-1)
+        parts = []
+        for chunk in self.packed or self.chunks():
+            self.ctx.stop_if_cut()  # a no-op unless the rank may stop alone (then there are chunks)
+            parts.append(chunk(x) if self.packed else F.linear(x, chunk))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]

@@ -5,9 +5,10 @@ the rows `topo.expert_slice` gives of its gate and up projections and the same c
 down projection — the dense MLP's split, applied to each expert. Expert-parallel (`topo.ep`), it
 holds `topo.experts_of` its rank, whole. Either way each rank routes every token (the router's
 input is the same on all ranks), runs the chosen experts it holds, and one all-reduce over the
-tensor group sums the parts, as after a dense MLP: a switch between the two moves no KV. Routing follows transformers: softmax in float32 over all experts, the top k, divided
-by their sum where the model renormalises; each expert's output is scaled by its weight and
-added in ascending expert order.
+tensor group sums the parts, as after a dense MLP: a switch between the two moves no KV.
+Routing follows transformers: softmax in float32 over all experts, the top k, divided by their
+sum where the model renormalises; each expert's output is scaled by its weight and added in
+ascending expert order.
 """
 from __future__ import annotations
 
@@ -61,10 +62,9 @@ class SparseMoE(nn.Module):
         self.ctx.stop_if_cut()
         out = torch.zeros_like(x)
         for e in torch.unique(chosen).tolist():  # ascending, as transformers adds them
-            expert = self.experts[str(e)] if str(e) in self.experts else None
-            if expert is None:  # another rank's (expert parallelism)
+            if str(e) not in self.experts:  # another rank's (expert parallelism)
                 continue
             token, slot = torch.where(chosen == e)
-            y = expert(x[token]) * weights[token, slot, None]
+            y = self.experts[str(e)](x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return self.ctx.all_reduce(out, check_cut=True)

@@ -76,10 +76,6 @@ class ReconfigResult:
         return asdict(self)
 
 
-def _layout(topo: Topology) -> dict:
-    return {"tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp, "enable_expert_parallel": topo.ep}
-
-
 def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
                     timeout_s: float = 120.0, requested_at: float | None = None) -> ReconfigResult:
     """Switch `engine` to `target` while it serves; outputs produced meanwhile go to `on_outputs`.
@@ -91,7 +87,7 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
     source = engine.topology
     model = engine.model_config
     target.validate(model, engine.config.pool_size)
-    result = ReconfigResult("unchanged", _layout(source), _layout(target))
+    result = ReconfigResult("unchanged", source.as_dict(), target.as_dict())
     if target == source:
         return result
     num_blocks = engine.num_blocks_for(target)

@@ -150,8 +150,7 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
         topo, stats = engine.topology, engine.stats()
         pool = engine.config.pool_size
         return Response(json.dumps({
-            "tensor_parallel_size": topo.tp, "pipeline_parallel_size": topo.pp, "enable_expert_parallel": topo.ep,
-            "worker_pool_size": pool,
+            **topo.as_dict(), "worker_pool_size": pool,
             "active_ranks": list(range(topo.world_size)), "standby_ranks": list(range(topo.world_size, pool)),
             "num_kv_blocks": stats.num_kv_blocks, "workers": engine.workers(),
             "worker_replacements": stats.num_worker_replacements,

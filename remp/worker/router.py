@@ -82,7 +82,7 @@ class CommandRouter:
 
     @property
     def background(self) -> Executor:
-        """The builder thread, for work the Worker starts itself (packing weights after a commit):
+        """The builder thread, for work the Worker starts itself (packing weights after a switch):
         it runs before any Prepare or Precopy received after it was submitted."""
         return self._builder
 

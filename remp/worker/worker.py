@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from remp.config import ModelConfig
-from remp.engine.sampling import GREEDY_BELOW_TEMPERATURE, sample_row
+from remp.engine.sampling import is_greedy, sample_row
 from remp.executor.cut import CutFlags
 from remp.executor.messages import (FAULT_ENV, Aborted, BuildTimes, CommitCommand, Committed, Digest,
                                     DigestCommand, LeaveCommand, Left, PrecopyCommand, Precopied, PrepareCommand,
@@ -65,7 +65,8 @@ def inject_fault(phase: str, rank: int) -> None:
 @dataclass
 class LayoutState:
     """A layout as this rank holds it: the topology, this rank's stage of the model and its KV
-    cache; and, where weights are packed, the layers still to pack (packed after the commit)."""
+    cache; and, where weights are packed, the layers still to pack (packed once the switch that
+    made it the layout in use is confirmed)."""
 
     topo: Topology
     model: nn.Module
@@ -462,7 +463,7 @@ def _wait_all(works: list[dist.Work]) -> None:
 def sample(logits: torch.Tensor, seqs: list[SeqWork]) -> tuple[list[int], list]:
     """One token per row (and its log-probabilities where asked). Greedy rows, the common case,
     take one argmax over the whole batch (sample_row's greedy choice, ties to the lowest id)."""
-    greedy = [s.temperature < GREEDY_BELOW_TEMPERATURE or s.top_k == 1 for s in seqs]
+    greedy = [is_greedy(s.temperature, s.top_k) for s in seqs]
     best = logits.argmax(dim=-1).tolist() if any(greedy) else []
     tokens, logprobs = [], []
     for i, (row, s) in enumerate(zip(logits, seqs)):
