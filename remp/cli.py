@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     reconf.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     reconf.add_argument("--tensor-parallel-size", "--tp", type=int, required=True)
     reconf.add_argument("--pipeline-parallel-size", "--pp", type=int, required=True)
+    reconf.add_argument("--data-parallel-size", "--dp", type=int, default=1)
     reconf.add_argument("--enable-expert-parallel", action="store_true",
                         help="target expert parallelism (mixture-of-experts models)")
+    reconf.add_argument("--expert-placement-strategy", choices=("linear", "round_robin"), default="linear")
     reconf.add_argument("--api-key", default=os.environ.get("REMP_API_KEY"))
     reconf.add_argument("--json", action="store_true", help="print the server's full JSON reply")
     reconf.set_defaults(run=_reconfigure)
@@ -131,11 +133,17 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="Hugging Face model directory")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="data-parallel groups of tp * pp workers, each with its own requests and KV cache "
+                             "(data-parallel attention; a dense model is that many replicas)")
     parser.add_argument("--enable-expert-parallel", action="store_true",
-                        help="mixture-of-experts models: spread whole experts over the tensor-parallel ranks "
-                             "instead of cutting every expert (attention stays tensor-parallel)")
+                        help="mixture-of-experts models: spread whole experts over the dp * tp ranks of each "
+                             "stage instead of cutting every expert (attention stays tensor-parallel)")
+    parser.add_argument("--expert-placement-strategy", choices=("linear", "round_robin"), default="linear",
+                        help="under expert parallelism, rank r holds a contiguous block of experts (linear) or "
+                             "every (dp * tp)-th one from r (round_robin)")
     parser.add_argument("--worker-pool-size", type=int,
-                        help="worker processes, standbys included (default: tp * pp)")
+                        help="worker processes, standbys included (default: dp * tp * pp)")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-model-len", type=int,
                         help="context length (default: the model's, at most 4096)")
@@ -164,6 +172,8 @@ def _engine_config(args: argparse.Namespace):
         model=args.model,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
+        data_parallel_size=args.data_parallel_size,
+        expert_placement_strategy=args.expert_placement_strategy,
         pipeline_parallel_size=args.pipeline_parallel_size,
         worker_pool_size=args.worker_pool_size,
         max_num_seqs=args.max_num_seqs,
@@ -291,7 +301,8 @@ def _reconfigure(args: argparse.Namespace) -> int:
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     body = {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
-            "enable_expert_parallel": args.enable_expert_parallel}
+            "data_parallel_size": args.data_parallel_size, "enable_expert_parallel": args.enable_expert_parallel,
+            "expert_placement_strategy": args.expert_placement_strategy}
     try:
         reply = httpx.post(f"{args.url.rstrip('/')}/v1/admin/reconfigure", json=body, headers=headers, timeout=600)
     except httpx.HTTPError as exc:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from remp.models.registry import ARCHITECTURES
+
+if TYPE_CHECKING:
+    from remp.topology import Topology
 
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
@@ -169,8 +173,10 @@ class EngineConfig:
     model: str
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    enable_expert_parallel: bool = False  # mixture of experts: whole experts spread over the tensor group
-    worker_pool_size: int | None = None  # default: tp * pp
+    enable_expert_parallel: bool = False  # mixture of experts: whole experts spread over a stage's dp*tp ranks
+    data_parallel_size: int = 1  # groups with their own requests and KV (data-parallel attention)
+    expert_placement_strategy: str = "linear"  # of experts under expert parallelism: linear | round_robin
+    worker_pool_size: int | None = None  # default: dp * tp * pp
     max_num_seqs: int = 32
     max_model_len: int | None = None  # default: min(model's max_position_embeddings, 4096)
     max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len)
@@ -187,4 +193,12 @@ class EngineConfig:
 
     @property
     def pool_size(self) -> int:
-        return self.worker_pool_size or self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.worker_pool_size or self.topology.world_size
+
+    @property
+    def topology(self) -> Topology:
+        """The layout asked for at start-up."""
+        from remp.topology import Topology
+
+        return Topology(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel,
+                        self.data_parallel_size, self.expert_placement_strategy)

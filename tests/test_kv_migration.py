@@ -23,8 +23,8 @@ def test_plan_covers_every_new_slice_from_an_old_holder(cfg, old, new):
     plan = plan_kv_migration(cfg, old, new)
     got = {}
     for t in plan:
-        s_stage, s_tp = old.coords(t.src_rank)
-        d_stage, d_tp = new.coords(t.dst_rank)
+        s_stage, s_tp, _ = old.coords(t.src_rank)
+        d_stage, d_tp, _ = new.coords(t.dst_rank)
         assert t.layer in old.layers_of(s_stage, cfg.num_layers) and t.layer in new.layers_of(d_stage, cfg.num_layers)
         src_heads = old.kv_heads_of(s_tp, cfg.num_kv_heads)
         dst_heads = new.kv_heads_of(d_tp, cfg.num_kv_heads)

@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 
 def expected_slices(store: WeightStore, cfg: ModelConfig, topo: Topology, rank: int) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name -> the part of it rank `rank` holds under `topo`."""
-    stage, t = topo.coords(rank)
+    stage, t, _ = topo.coords(rank)
     hd = cfg.head_dim
     heads, kv = topo.heads_of(t, cfg.num_heads), topo.kv_heads_of(t, cfg.num_kv_heads)
     q_rows, kv_rows = range(heads.start * hd, heads.stop * hd), range(kv.start * hd, kv.stop * hd)

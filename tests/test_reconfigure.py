@@ -235,7 +235,7 @@ def test_a_stage_prepares_while_a_step_ahead_of_it_waits(tiny_gqa, reference):
         assert [answers[r].standby for r in (0, 1)] == [False, True]
         executor._broadcast(step, ranks=[0])
         executor.in_flight.append(step.step_id)
-        token = executor.next_result(timeout_s=30).token_ids
+        token = executor.next_result(timeout_s=30)[0].token_ids
         executor.abort(timeout_s=30)
     finally:
         executor.shutdown()
@@ -259,13 +259,13 @@ def test_a_commit_behind_a_step_in_flight_waits_until_the_next_stage_takes_its_h
         wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
         os.kill(stage1, signal.SIGSTOP)
         try:
-            executor.submit(StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
-                                                    temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)]))
+            executor.submit([StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
+                                                    temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)])])
             executor.start_commit(1, wire, [0, 1], [0, 1])
             time.sleep(1)  # stage 0 has run the step and is in the commit
         finally:
             os.kill(stage1, signal.SIGCONT)
-        first = executor.next_result(timeout_s=30).token_ids
+        first = executor.next_result(timeout_s=30)[0].token_ids
         executor.finish_commit(target, timeout_s=30)
         second = decode_step(executor, 2, first, len(PROMPTS[0]), 1)
     finally:
@@ -284,8 +284,8 @@ def test_the_pause_uses_the_buffers_the_precopy_set_aside(tiny_gqa, room):
     executor = LocalExecutor(tiny_gqa, 2, "float32")
     try:
         executor.load(source, num_blocks=16, block_size=4, threads=1)
-        executor.submit(StepCommand(1, [SeqWork(seq_id=0, token_ids=prompt, start=0, block_table=blocks,
-                                                temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)]))
+        executor.submit([StepCommand(1, [SeqWork(seq_id=0, token_ids=prompt, start=0, block_table=blocks,
+                                                temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)])])
         executor.next_result(timeout_s=30)
         before = executor.kv_digests(blocks)[0]
         executor.prepare(target, num_blocks=16, block_size=4)
@@ -314,9 +314,9 @@ def test_a_cut_step_stops_on_every_rank_and_runs_again_right(tiny_gqa, reference
     try:
         executor.load(layout, num_blocks=8, block_size=4, threads=1)
         executor._cut_flags.cut(1, [0])
-        executor.submit(StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
-                                                temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)]))
-        cut = executor.next_result(timeout_s=30)
+        executor.submit([StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
+                                                temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)])])
+        cut, = executor.next_result(timeout_s=30)
         again = decode_step(executor, 2, PROMPTS[0], 0, 0)
     finally:
         executor.shutdown()
@@ -326,9 +326,9 @@ def test_a_cut_step_stops_on_every_rank_and_runs_again_right(tiny_gqa, reference
 
 def decode_step(executor: LocalExecutor, step_id: int, tokens: list[int], start: int, out_pos: int) -> list[int]:
     """Run one greedy step of sequence 0 (blocks 0 and 1) straight on the executor; its token."""
-    executor.submit(StepCommand(step_id, [SeqWork(seq_id=0, token_ids=tokens, start=start, block_table=[0, 1],
-                                                  temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=out_pos)]))
-    return executor.next_result(timeout_s=30).token_ids
+    executor.submit([StepCommand(step_id, [SeqWork(seq_id=0, token_ids=tokens, start=start, block_table=[0, 1],
+                                                  temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=out_pos)])])
+    return executor.next_result(timeout_s=30)[0].token_ids
 
 
 def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, reference):

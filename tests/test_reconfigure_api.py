@@ -70,8 +70,8 @@ def test_topology_reports_active_and_standby(server):
     assert len({w["pid"] for w in workers}) == 4
     startup = reply.pop("worker_startup_s")
     assert len(startup) == 4 and all(s > 0 for s in startup)
-    assert reply == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "enable_expert_parallel": False,
-                     "worker_pool_size": 4,
+    assert reply == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "data_parallel_size": 1,
+                     "enable_expert_parallel": False, "expert_placement_strategy": "linear", "worker_pool_size": 4,
                      "active_ranks": [0, 1], "standby_ranks": [2, 3], "worker_replacements": 0}
 
 
@@ -92,7 +92,8 @@ def test_stream_in_flight_survives_switches(server, tiny_gqa):
     # The slowest worker's build, part by part, is a share of the prepare phase that waited for it.
     assert set(body["build_s"]) == {"groups", "shard", "model", "kv"}
     assert all(0 <= s <= body["timings_s"]["prepare"] for s in body["build_s"].values())
-    assert body["source"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "enable_expert_parallel": False}
+    assert body["source"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "data_parallel_size": 1,
+                              "enable_expert_parallel": False, "expert_placement_strategy": "linear"}
     assert result["text"] == reference
     assert layout(server)["tensor_parallel_size"] == 1 and layout(server)["pipeline_parallel_size"] == 2
     samples = {(s.name, s.labels.get("outcome")): s.value for f in

@@ -29,7 +29,7 @@ def test_split_range_is_balanced_and_contiguous():
 
 def test_topology_ownership(cfg):
     t = Topology(2, 2)
-    assert [t.coords(r) for r in range(5)] == [(0, 0), (0, 1), (1, 0), (1, 1), None]
+    assert [t.coords(r) for r in range(5)] == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), None]
     assert t.tp_group_ranks(1) == [2, 3]
     assert t.layers_of(0, cfg.num_layers) == range(0, 2) and t.stage_of(3, cfg.num_layers) == 1
     assert t.heads_of(1, 8) == range(4, 8) and t.kv_heads_of(1, 2) == range(1, 2)
@@ -121,16 +121,37 @@ def test_expert_ownership_is_a_function_of_the_layout():
                     sparse_layers=(0, 1))
     m = dataclasses.replace(ModelConfig(**TINY_FIELDS), architecture="MixtralForCausalLM", moe=moe)
     ep, tp = Topology(4, 1, ep=True), Topology(4, 1)
-    assert [list(ep.experts_of(r, 8)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [list(ep.experts_of(ep.coords(r), 8)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert all(ep.expert_slice(r, 96) == range(96) for r in range(4))
-    assert all(tp.experts_of(r, 8) == range(8) for r in range(4))
+    assert all(tp.experts_of(tp.coords(r), 8) == range(8) for r in range(4))
     assert [tp.expert_slice(r, 96) for r in range(4)] == [range(0, 24), range(24, 48), range(48, 72), range(72, 96)]
     assert str(ep) == "tp4pp1ep" and Topology.parse("tp4pp1ep") == ep and Topology.parse("tp4pp1") == tp
     assert Topology.from_dict(ep.as_dict()) == ep and Topology.from_dict({"tensor_parallel_size": 4,
                                                                         "pipeline_parallel_size": 1}) == tp
     ep.validate(m, 4)
-    with pytest.raises(TopologyError, match="8 experts to divide evenly over the 3 ranks"):
+    # round-robin placement: expert e on ep rank e % ep_size; the owner is the inverse of experts_of
+    rr = Topology(2, 1, ep=True, dp=2, placement="round_robin")
+    assert [list(rr.experts_of(rr.coords(r), 8)) for r in range(4)] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert str(rr) == "dp2tp2pp1eprr" and Topology.parse(str(rr)) == rr and Topology.from_dict(rr.as_dict()) == rr
+    for layout in (ep, rr, Topology(1, 2, ep=True, dp=2)):
+        for r in range(layout.world_size):
+            c = layout.coords(r)
+            assert all(layout.expert_owner(e, 8) == layout.ep_rank(c) for e in layout.experts_of(c, 8))
+    # data parallelism: stage-major, then group, then tensor rank
+    dp = Topology(1, 2, dp=2)
+    assert [dp.coords(r) for r in range(5)] == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), None]
+    assert dp.rank(1, 0, 1) == 3 and dp.stage_ranks(1) == [2, 3] and dp.world_size == 4
+    assert not dp.exchanges_tokens and rr.exchanges_tokens and not ep.exchanges_tokens
+    with pytest.raises(TopologyError, match="over dp\\*tp = 3 ranks needs the 8 experts to divide evenly"):
         Topology(3, 1, ep=True).validate(dataclasses.replace(m, num_heads=12, num_kv_heads=3), 4)
+    with pytest.raises(TopologyError, match="dp\\*tp\\*pp = 8 workers needed but the pool has 4"):
+        Topology(2, 2, dp=2).validate(m, 4)
+    with pytest.raises(TopologyError, match="round_robin places experts under expert parallelism"):
+        Topology(2, 1, placement="round_robin").validate(m, 4)
+    with pytest.raises(TopologyError, match="must be one of linear, round_robin"):
+        Topology(2, 1, ep=True, placement="random").validate(m, 4)
+    with pytest.raises(TopologyError, match="written"):
+        Topology.parse("tp2pp1rr")
     with pytest.raises(TopologyError, match="needs a mixture-of-experts model"):
         Topology(2, 1, ep=True).validate(ModelConfig(**TINY_FIELDS), 4)
 
@@ -297,18 +318,21 @@ def test_the_builder_thread_keeps_one_openmp_thread_when_a_commit_sets_more():
         use_threads(before)
 
 
-def test_every_tensor_parallel_group_of_a_pool_is_formed_with_the_world():
+def test_every_group_of_a_pool_is_formed_with_the_world():
     """Groups are made when the world forms, never in a switch: every set of ranks some layout of
-    the pool uses as a tensor-parallel group is in the list, once."""
-    from remp.parallel.groups import tp_rank_sets
+    the pool uses as a tensor-parallel group or as an expert-parallel stage is in the list, once."""
+    from remp.parallel.groups import rank_sets
 
-    sets = tp_rank_sets(4)
+    sets = rank_sets(4)
     assert len(sets) == len(set(sets))
-    for tp in range(1, 5):
-        for pp in range(1, 4 // tp + 1):
-            topo = Topology(tp, pp)
-            assert all(tuple(topo.tp_group_ranks(stage)) in sets for stage in range(pp))
-    assert {s for s in sets if len(s) > 1} == {(0, 1), (2, 3), (0, 1, 2), (0, 1, 2, 3)}
+    for dp in range(1, 5):
+        for tp in range(1, 4 // dp + 1):
+            for pp in range(1, 4 // (dp * tp) + 1):
+                topo = Topology(tp, pp, dp=dp)
+                for stage in range(pp):
+                    assert all(tuple(topo.tp_group_ranks(stage, d)) in sets for d in range(dp) if tp > 1)
+                    assert dp * tp == 1 or tuple(topo.stage_ranks(stage)) in sets
+    assert set(sets) == {(0, 1), (2, 3), (0, 1, 2), (0, 1, 2, 3)}
 
 
 def _switch_host(sched: Scheduler, block_size: int):
@@ -320,7 +344,7 @@ def _switch_host(sched: Scheduler, block_size: int):
 
     engine = LLMEngine.__new__(LLMEngine)
     engine.config = SimpleNamespace(block_size=block_size)
-    engine.scheduler = sched
+    engine.schedulers = [sched]
     return engine
 
 
@@ -408,7 +432,7 @@ def test_the_switch_reaches_the_engine_only_through_its_host_protocol():
 
 REPLIES = [
     pytest.param(lambda m: m.Started(rank=0, pid=4242), id="Started"),
-    pytest.param(lambda m: m.Prepared(rank=1, switch=3, standby=False, weight_bytes=1024,
+    pytest.param(lambda m: m.Prepared(rank=1, switch=3, standby=False, layout="dp2tp1pp1ep", weight_bytes=1024,
                                       build=m.BuildTimes(groups=0.001, shard=0.5, model=0.25, kv=0.125)),
                  id="Prepared"),
     pytest.param(lambda m: m.Prepared(rank=2, switch=3, standby=True), id="Prepared-standby"),
@@ -466,6 +490,21 @@ def test_decode_rejects_what_is_not_a_message_of_the_protocol(data, error):
 
     with pytest.raises(MessageError, match=error):
         decode(data)
+
+
+def test_a_prepare_command_carries_every_field_of_the_layout():
+    """The workers build the layout the engine names, expert mode, placement and dp included; a
+    worker's answer naming another layout fails the switch (check_built)."""
+    from remp.executor.local import WorkerError, check_built
+    from remp.executor.messages import PrepareCommand, Prepared, decode, encode
+
+    for topo in (Topology(2, 1, ep=True), Topology(1, 2, ep=True, dp=2, placement="round_robin"), Topology(2, 2)):
+        cmd = decode(encode(PrepareCommand(layout=topo.as_dict(), num_blocks=8, block_size=16, switch_id=1)))
+        assert Topology.from_dict(cmd.layout) == topo
+    target = Topology(2, 1, ep=True)
+    check_built(target, {0: Prepared(0, 1, False, "tp2pp1ep"), 2: Prepared(2, 1, True)})
+    with pytest.raises(WorkerError, match="asked for tp2pp1ep, but rank 1 built tp2pp1"):
+        check_built(target, {0: Prepared(0, 1, False, "tp2pp1ep"), 1: Prepared(1, 1, False, "tp2pp1")})
 
 
 def test_a_precopy_command_names_the_blocks_its_pause_will_move():

@@ -128,7 +128,8 @@ class Bandwidth:
 
 def layout_flags(layout: Topology) -> list[str]:
     """The `remp serve` flags that start a server in `layout`."""
-    return ["-tp", str(layout.tp), "-pp", str(layout.pp)] + (["--enable-expert-parallel"] if layout.ep else [])
+    return (["-tp", str(layout.tp), "-pp", str(layout.pp), "-dp", str(layout.dp)]
+            + (["--enable-expert-parallel", "--expert-placement-strategy", layout.placement] if layout.ep else []))
 
 
 def score(switch: Switch, restart_s: float, bandwidth: float) -> PairResult:
@@ -173,8 +174,7 @@ async def walk_tour(session: aiohttp.ClientSession, base_url: str, tour: list[To
     switches = []
     for target in tour[1:]:
         await asyncio.sleep(settle_s)
-        body = {"tensor_parallel_size": target.tp, "pipeline_parallel_size": target.pp,
-                "enable_expert_parallel": target.ep}
+        body = target.as_dict()
         async with session.post(f"{base_url}/v1/admin/reconfigure", json=body,
                                 timeout=aiohttp.ClientTimeout(total=600)) as response:
             reply = await response.json()

@@ -3,6 +3,12 @@
 `step()` fills the pipeline (up to pp micro-batches in flight, so every stage works at
 once), then waits for the oldest step's tokens and books them: appends tokens, detokenises,
 applies stop conditions and frees finished requests' blocks.
+
+With data parallelism (dp > 1) each group has a scheduler of its own — its own running
+requests, queue and KV blocks, as each group's workers hold their own KV cache — and a request
+goes to the group with the fewest requests when it arrives. A step is one micro-batch per group,
+sent together (a group with nothing to run still takes part: its mixture-of-experts layers
+exchange tokens with the others).
 """
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ class LLMEngine:
 
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
-        topo = Topology(config.tensor_parallel_size, config.pipeline_parallel_size, config.enable_expert_parallel)
+        topo = config.topology
         topo.validate(self.model_config, config.pool_size)
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 4096)
         if self.max_model_len > self.model_config.max_position_embeddings:
@@ -95,11 +101,10 @@ class LLMEngine:
         except BaseException:
             self.executor.shutdown()
             raise
-        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size), config.max_num_seqs,
-                                   self.max_num_batched_tokens)
+        self.schedulers = self._schedulers(topo.dp, num_blocks)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, DetokState] = {}
-        self._batches: dict[int, list[ScheduledSeq]] = {}
+        self._batches: dict[int, list[list[ScheduledSeq]]] = {}  # per step, per data-parallel group
         self._submit_times: dict[int, float] = {}
         self._step_ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -109,6 +114,15 @@ class LLMEngine:
         self.control_plane_s = 0.0
         self.step_wall_s = 0.0
         self.num_worker_replacements = 0
+
+    def _schedulers(self, dp: int, num_blocks: int) -> list[Scheduler]:
+        return [Scheduler(BlockManager(num_blocks, self.config.block_size), self.config.max_num_seqs,
+                          self.max_num_batched_tokens) for _ in range(dp)]
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first data-parallel group's scheduler: the only one when dp is 1."""
+        return self.schedulers[0]
 
     def num_blocks_for(self, topo: Topology) -> int:
         cfg = self.config
@@ -149,30 +163,35 @@ class LLMEngine:
                        RequestMetrics(arrival_time or time.monotonic()))
         self._seqs[request_id] = seq
         self._detok[request_id] = self.detokenizer.start(seq.prompt_token_ids)
-        self.scheduler.add(seq)
+        # The least loaded data-parallel group takes it (the first of equals).
+        seq.group = min(range(len(self.schedulers)), key=lambda d: self.schedulers[d].num_requests)
+        self.schedulers[seq.group].add(seq)
 
     def abort_request(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)
         if seq is not None and seq.status is not SeqStatus.FINISHED:
-            self.scheduler.finish(seq, "abort")
+            self.schedulers[seq.group].finish(seq, "abort")
         self._detok.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.executor.in_flight)
+        return any(s.has_work() for s in self.schedulers) or bool(self.executor.in_flight)
 
     # stepping
-    def _submit(self, items: list[ScheduledSeq]) -> None:
+    def _submit(self, groups: list[list[ScheduledSeq]]) -> None:
         t0 = time.perf_counter()
         step_id = next(self._step_ids)
-        works = []
-        for it in items:
-            seq, p = it.seq, it.seq.params
-            works.append(SeqWork(seq_id=seq.seq_id, token_ids=it.token_ids, start=it.start,
-                                 block_table=list(seq.block_ids), temperature=p.temperature, top_p=p.top_p,
-                                 top_k=p.top_k, seed=seq.seed, out_pos=len(seq.output_token_ids),
-                                 logprobs=p.logprobs))
-        self.executor.submit(StepCommand(step_id, works))
-        self._batches[step_id] = items
+        commands = []
+        for items in groups:
+            works = []
+            for it in items:
+                seq, p = it.seq, it.seq.params
+                works.append(SeqWork(seq_id=seq.seq_id, token_ids=it.token_ids, start=it.start,
+                                     block_table=list(seq.block_ids), temperature=p.temperature, top_p=p.top_p,
+                                     top_k=p.top_k, seed=seq.seed, out_pos=len(seq.output_token_ids),
+                                     logprobs=p.logprobs))
+            commands.append(StepCommand(step_id, works))
+        self.executor.submit(commands)
+        self._batches[step_id] = groups
         self._submit_times[step_id] = time.perf_counter()
         self.control_plane_s += self._submit_times[step_id] - t0
 
@@ -185,33 +204,37 @@ class LLMEngine:
         """Submit steps until the pipeline holds pp of them or nothing more can be scheduled."""
         pp = self.topology.pp
         while len(self.executor.in_flight) < pp:
-            items = self.scheduler.schedule(pp - len(self.executor.in_flight))
-            if not items:
+            free = pp - len(self.executor.in_flight)
+            groups = [scheduler.schedule(free) for scheduler in self.schedulers]
+            if not any(groups):
                 break
-            self._submit(items)
+            self._submit(groups)
 
     def collect(self, interrupt: Callable[[], bool] | None = None) -> list[RequestOutput]:
         """Wait for the oldest step in flight and book its tokens (submits nothing). If
         `interrupt()`, asked while waiting, turns true, return nothing and leave the step in
         flight: the next `step` or `collect` books it."""
-        result = self.executor.next_result(interrupt=interrupt)
-        if result is None:
+        results = self.executor.next_result(interrupt=interrupt)
+        if results is None:
             return []
-        self.step_wall_s += time.perf_counter() - self._submit_times.pop(result.step_id)
-        self.control_plane_s += result.parse_s
-        items = self._batches.pop(result.step_id)
-        if result.cut:
-            self.steps_cut += 1
-            for item in items:
-                self.scheduler.step_done(item, cut=True)
-            return []
-        self.step_count += 1
+        step_id = results[0].step_id
+        self.step_wall_s += time.perf_counter() - self._submit_times.pop(step_id)
+        self.control_plane_s += sum(r.parse_s for r in results)
+        groups = self._batches.pop(step_id)
         outputs = []
         now = time.monotonic()
-        for item, token, lps in zip(items, result.token_ids, result.logprobs):
-            if not self.scheduler.step_done(item):
+        for scheduler, items, result in zip(self.schedulers, groups, results):
+            if result.cut:
+                for item in items:
+                    scheduler.step_done(item, cut=True)
                 continue
-            outputs.append(self._append(item.seq, token, lps, now))
+            for item, token, lps in zip(items, result.token_ids, result.logprobs):
+                if scheduler.step_done(item):
+                    outputs.append(self._append(item.seq, token, lps, now))
+        if any(r.cut for r in results):
+            self.steps_cut += 1
+        else:
+            self.step_count += 1
         return outputs
 
     def _append(self, seq: Sequence, token: int, lps: list | None, now: float) -> RequestOutput:
@@ -233,7 +256,7 @@ class LLMEngine:
         if hit:
             reason = "stop"
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self.schedulers[seq.group].finish(seq, reason)
             m.finished_time = now
             del self._seqs[seq.request_id], self._detok[seq.request_id]
         return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
@@ -256,13 +279,15 @@ class LLMEngine:
         """Admit no new prompt until `resume_admission`; running requests keep stepping. A switch
         pauses it while it prepares: a prompt admitted then would make the switch wait for its
         prefill (the longest step there is) and would move all its KV in the pause."""
-        self.scheduler.admitting = False
+        for scheduler in self.schedulers:
+            scheduler.admitting = False
 
     def resume_admission(self) -> None:
-        self.scheduler.admitting = True
+        for scheduler in self.schedulers:
+            scheduler.admitting = True
 
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        return sum(len(scheduler.running) for scheduler in self.schedulers)
 
     def num_live_kv_blocks(self) -> int:
         """How many KV blocks the running requests hold."""
@@ -356,15 +381,17 @@ class LLMEngine:
     def _drop_kv(self) -> list[str]:
         """A serving rank is lost and the KV with it: forget the steps in flight and preempt every
         running request (it recomputes; its tokens do not change). Returns their ids."""
-        for items in self._batches.values():
-            for item in items:
-                self.scheduler.step_done(item, cut=True)
+        for groups in self._batches.values():
+            for scheduler, items in zip(self.schedulers, groups):
+                for item in items:
+                    scheduler.step_done(item, cut=True)
         self._batches.clear()
         self._submit_times.clear()
         preempted = []
-        for seq in reversed(list(self.scheduler.running)):
-            self.scheduler.preempt(seq)
-            preempted.append(seq.request_id)
+        for scheduler in self.schedulers:
+            for seq in reversed(list(scheduler.running)):
+                scheduler.preempt(seq)
+                preempted.append(seq.request_id)
         return preempted
 
     def kv_digests(self, blocks: list[int]) -> dict[str, set[str]]:
@@ -377,9 +404,12 @@ class LLMEngine:
         return out
 
     def stats(self) -> EngineStats:
-        s = self.scheduler
-        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=s.blocks.usage,
-                           num_kv_blocks=s.blocks.num_blocks, num_preemptions=s.num_preemptions,
+        groups = self.schedulers
+        return EngineStats(num_running=sum(len(s.running) for s in groups),
+                           num_waiting=sum(len(s.waiting) for s in groups),
+                           kv_usage=sum(s.blocks.usage for s in groups) / len(groups),
+                           num_kv_blocks=sum(s.blocks.num_blocks for s in groups),
+                           num_preemptions=sum(s.num_preemptions for s in groups),
                            step_count=self.step_count, steps_cut=self.steps_cut, control_plane_s=self.control_plane_s,
                            step_wall_s=self.step_wall_s, num_worker_replacements=self.num_worker_replacements)
 

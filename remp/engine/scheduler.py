@@ -44,6 +44,7 @@ class Sequence:
     in_flight: bool = False
     finish_reason: str | None = None
     num_preemptions: int = 0
+    group: int = 0  # the data-parallel group whose scheduler holds it
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +81,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_requests(self) -> int:
+        """Running and waiting: how loaded this scheduler's data-parallel group is."""
+        return len(self.waiting) + len(self.running)
 
     def schedule(self, free_slots: int) -> list[ScheduledSeq]:
         """Choose the next micro-batch; `free_slots` is how many more steps the pipeline takes.

@@ -74,6 +74,14 @@ class PoolLostError(WorkerError):
     can be served any more."""
 
 
+def check_built(topo: Topology, answers: dict[int, Prepared]) -> None:
+    """Raise WorkerError unless every rank that built something built `topo` (a layout field lost
+    on the way to the workers would otherwise serve the wrong layout with the right name)."""
+    wrong = {r: a.layout for r, a in answers.items() if not a.standby and a.layout != str(topo)}
+    if wrong:
+        raise WorkerError(f"asked for {topo}, but {', '.join(f'rank {r} built {name}' for r, name in wrong.items())}")
+
+
 class LocalExecutor:
     """One worker process per pool rank on this host, the engine's only way to reach them."""
 
@@ -102,7 +110,7 @@ class LocalExecutor:
         self._beating: set[int] = set()  # ranks past start-up: their silence means a hang
         self.topology: Topology | None = None
         self.in_flight: deque[int] = deque()
-        self._early: dict[int, StepResult] = {}
+        self._early: dict[tuple[int, int], StepResult] = {}  # by (step id, data-parallel group)
         self._replies: dict[tuple[str, int], Reply] = {}  # by (kind, rank)
         self._checked_at = 0.0  # when the pool was last checked for lost workers
         self._switch_id = 0  # of the switch under way; replies of older (or abandoned) ones are dropped
@@ -244,7 +252,7 @@ class LocalExecutor:
         re-formed) is past start-up: from now on its silence counts, whether or not a heartbeat of
         it has arrived yet (one stopped right after start-up may never send any)."""
         if isinstance(msg, StepResult):
-            self._early[msg.step_id] = msg
+            self._early[(msg.step_id, msg.dp_rank)] = msg
             return
         self._replies[(msg.kind, msg.rank)] = msg
         if isinstance(msg, (Started, Reformed)):
@@ -302,7 +310,7 @@ class LocalExecutor:
         # the new id tells them apart.
         self._replies = {key: msg for key, msg in self._replies.items()
                          if key[0] not in (Prepared.kind, Precopied.kind, Committed.kind)}
-        self._broadcast(PrepareCommand(tp=topo.tp, pp=topo.pp, num_blocks=num_blocks, block_size=block_size,
+        self._broadcast(PrepareCommand(layout=topo.as_dict(), num_blocks=num_blocks, block_size=block_size,
                                        switch_id=self._switch_id))
 
     def precopy(self, transfers: list[list[int]], blocks: list[int], filling: list[int] | None = None,
@@ -349,7 +357,7 @@ class LocalExecutor:
         """Put an idle pool on `topo` (nothing live to carry over)."""
         assert not self.in_flight, "load() with steps in flight"
         self.prepare(topo, num_blocks, block_size)
-        self.answers(Prepared.kind, timeout_s)
+        check_built(topo, self.answers(Prepared.kind, timeout_s))
         self.start_commit(threads)
         self.finish_commit(topo, timeout_s)
 
@@ -501,24 +509,34 @@ class LocalExecutor:
         if self.in_flight:
             self._cut_flags.cut(self.in_flight[-1], range(self.topology.world_size))
 
-    def submit(self, cmd: StepCommand) -> None:
-        self._broadcast(cmd, range(self.topology.world_size))
-        self.in_flight.append(cmd.step_id)
+    def submit(self, groups: list[StepCommand]) -> None:
+        """Send one step: groups[d] to every rank of data-parallel group d (all with one step id)."""
+        topo = self.topology
+        for d, cmd in enumerate(groups):
+            self._broadcast(cmd, [topo.rank(s, t, d) for s in range(topo.pp) for t in range(topo.tp)])
+        self.in_flight.append(groups[0].step_id)
 
-    def next_result(self, timeout_s: float = 600.0, interrupt: Callable[[], bool] | None = None) -> StepResult | None:
-        """The result of the oldest step in flight (steps complete in submission order); None, with
-        the step still in flight, if `interrupt()` turned true first."""
-        step_id = self.in_flight[0]
-        # `interrupt` may file the result itself (has_replies files every message that is in).
-        stop = None if interrupt is None else (lambda: step_id in self._early or interrupt())
-        while step_id not in self._early:
+    def next_result(self, timeout_s: float = 600.0,
+                    interrupt: Callable[[], bool] | None = None) -> list[StepResult] | None:
+        """The results of the oldest step in flight, one per data-parallel group in group order
+        (steps complete in submission order); None, with the step still in flight, if
+        `interrupt()` turned true first."""
+        step_id, dp = self.in_flight[0], self.topology.dp
+        keys = [(step_id, d) for d in range(dp)]
+
+        def complete() -> bool:
+            return all(key in self._early for key in keys)
+
+        # `interrupt` may file the results itself (has_replies files every message that is in).
+        stop = None if interrupt is None else (lambda: complete() or interrupt())
+        while not complete():
             msg = self._recv(timeout_s, stop)
             if msg is not None:
                 self._take(msg)
-            elif step_id not in self._early:
+            elif not complete():
                 return None
         self.in_flight.popleft()
-        return self._early.pop(step_id)
+        return [self._early.pop(key) for key in keys]
 
     def shutdown(self) -> None:
         try:

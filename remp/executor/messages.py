@@ -32,6 +32,9 @@ class SeqWork:
 
 @dataclass
 class StepCommand:
+    """One step for one data-parallel group (each group runs its own requests); sent to every rank
+    of that group. `seqs` may be empty: the group still joins the step's exchanges between groups."""
+
     step_id: int
     seqs: list[SeqWork]
 
@@ -41,8 +44,7 @@ class PrepareCommand:
     """Get ready for a layout while the current one keeps serving: build its groups (every pool
     rank, collectively), slice this rank's shard from the weight store, allocate its KV."""
 
-    tp: int
-    pp: int
+    layout: dict  # Topology.as_dict()
     num_blocks: int
     block_size: int
     switch_id: int  # echoed in the reply: one of an abandoned switch is told apart and dropped
@@ -133,6 +135,7 @@ class StepResult:
     logprobs: list[list[list[float]] | None]  # per sequence: [[token_id, logprob], ...], sampled first
     parse_s: float  # worker time spent turning the command into tensors
     cut: bool = False  # stopped by a layout switch (remp.executor.cut): no tokens, the step must run again
+    dp_rank: int = 0  # the data-parallel group whose sequences these are (each answers for its own)
 
 
 # Replies: one type per kind of answer, each naming the rank that sent it. Those answering work
@@ -169,6 +172,7 @@ class Prepared:
     rank: int
     switch: int
     standby: bool
+    layout: str = ""  # str(Topology) of what was built: the engine checks it is the layout it asked for
     weight_bytes: int = 0  # copied or packed into the shard (0 where a shard is a view of the mapping)
     build: BuildTimes | None = None  # None on a standby rank: nothing was built
 

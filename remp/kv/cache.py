@@ -9,7 +9,7 @@ from remp.topology import Topology
 
 
 def bytes_per_block(model: ModelConfig, topo: Topology, rank: int, block_size: int, dtype: torch.dtype) -> int:
-    stage, t = topo.coords(rank)
+    stage, t, _ = topo.coords(rank)
     layers = len(topo.layers_of(stage, model.num_layers))
     kv_heads = len(topo.kv_heads_of(t, model.num_kv_heads))
     return layers * 2 * block_size * kv_heads * model.head_dim * torch.finfo(dtype).bits // 8
@@ -29,7 +29,7 @@ class KVCache:
         """Allocate this rank's cache under `topo`. Layers whose tensor in `reuse` (the cache of
         the layout being left) already has the right heads and size are shared, not copied: the
         data is in place and serving may keep writing it until the switch."""
-        stage, t = topo.coords(rank)
+        stage, t, _ = topo.coords(rank)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_heads = topo.kv_heads_of(t, model.num_kv_heads)

@@ -44,7 +44,7 @@ def plan_kv_migration(model: ModelConfig, old: Topology, new: Topology) -> list[
             for h in heads:
                 holders = _holders(old, model, layer, h)
                 src = dst if dst in holders else holders[0]
-                _, src_t = old.coords(src)
+                src_t = old.coords(src).tp_rank
                 src_head = h - old.kv_heads_of(src_t, model.num_kv_heads).start
                 dst_head = h - heads.start
                 last = transfers[-1] if transfers else None

@@ -124,3 +124,12 @@ class LlamaForCausalLM(nn.Module):
         if not self.ctx.is_last:
             return h
         return self.lm_head(self.norm(h[batch.last_token_idx]))
+
+    def join_exchanges(self) -> None:
+        """A step in which this rank's data-parallel group has no tokens: join every exchange of
+        tokens between groups that this stage's layers make (mixture-of-experts layers under
+        expert parallelism with dp > 1), with nothing to send, so the groups with tokens can run."""
+        for layer in self.layers.values():
+            if getattr(layer.mlp, "exchanges", False):
+                dtype = layer.post_attention_layernorm.weight.dtype
+                layer.mlp(torch.empty(0, self.cfg.hidden_size, dtype=dtype, device=self.ctx.device))

@@ -12,7 +12,10 @@ peers decides in its all-reduces, with one more element that every rank adds its
 to, so all ranks of the stage stop at the same layer or none does (one leaving alone would
 strand the others in their next collective). A rank with no tensor peers may stop alone, and
 checks more often (`stop_if_cut`): within attention and the MLP too, and between chunks of the
-LM head.
+LM head. Where expert parallelism exchanges tokens between data-parallel groups (all-to-all,
+`exchange_counts`), every rank of the stage decides there instead, in the exchange of counts
+that precedes each layer's tokens: the groups run different requests and their all-reduces do
+not meet, but every one of them joins every exchange, so all stop at the same layer.
 """
 from __future__ import annotations
 
@@ -51,12 +54,17 @@ class ParallelContext:
             raise ValueError(f"rank {rank} is standby under {topo}: it has no model")
         self.topo = topo
         self.rank = rank
-        self.stage, self.tp_rank = coords
+        self.stage, self.tp_rank, self.dp_rank = coords
         self.tp_size = topo.tp
         self.is_first = self.stage == 0
         self.is_last = self.stage == topo.pp - 1
         self.device = device
         self.tp_group = groups.tp_group(topo) if groups is not None else None
+        self.stage_group = groups.stage_group(topo) if groups is not None and topo.exchanges_tokens else None
+        # Set by a mixture-of-experts layer built on this context when it exchanges tokens between
+        # data-parallel groups: the cut is then decided in those exchanges only (module docstring).
+        self.votes_in_exchange = False
+        self._carried_cut = False  # a cut the previous stage passed on, held for the next exchange
         self._pipeline = groups.pipeline if groups is not None else None
         self._cut_flags = cut_flags if device.type == "cpu" else None
         self._step_id = -1
@@ -65,6 +73,7 @@ class ParallelContext:
         """Let go of the groups (the world they belong to is being left): their connections close
         once no reference is left. The context cannot exchange anything after this."""
         self.tp_group = None
+        self.stage_group = None
         self._pipeline = None
 
     def _tp(self) -> dist.ProcessGroup:
@@ -83,6 +92,7 @@ class ParallelContext:
     def begin_step(self, step_id: int) -> None:
         """The checks from now on ask whether step `step_id` is cut."""
         self._step_id = step_id
+        self._carried_cut = False
 
     @property
     def checks_cuts(self) -> bool:
@@ -94,7 +104,7 @@ class ParallelContext:
     @property
     def stops_alone(self) -> bool:
         """Whether this rank acts on a cut by itself (no tensor peers to agree with)."""
-        return self._cut_flags is not None and self.tp_size == 1
+        return self._cut_flags is not None and self.tp_size == 1 and not self.votes_in_exchange
 
     def stop_if_cut(self) -> None:
         """Raise StepCut if the step is cut and this rank may stop alone; a no-op elsewhere."""
@@ -109,7 +119,7 @@ class ParallelContext:
             if check_cut:
                 self.stop_if_cut()
             return x
-        if not (check_cut and self.checks_cuts):
+        if not (check_cut and self.checks_cuts) or self.votes_in_exchange:
             dist.all_reduce(x, group=self._tp())
             return x
         flat = with_cut_flag(x, self.cut_requested())
@@ -123,7 +133,7 @@ class ParallelContext:
         first tensor rank (the full-vocabulary logits from vocabulary slices); None elsewhere."""
         if self.tp_size == 1:
             return local
-        dst = self.topo.rank(self.stage, 0)
+        dst = self.topo.rank(self.stage, 0, self.dp_rank)
         parts = [torch.empty_like(local) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
         dist.gather(local, parts, dst=dst, group=self._tp())
         return torch.cat(parts, dim=-1) if parts is not None else None
@@ -133,10 +143,12 @@ class ParallelContext:
         """The hidden state [num_tokens, hidden_size] from the same tensor rank of the previous
         stage; StepCut if that stage cut the step (the message's last element)."""
         message = torch.empty(num_tokens * hidden_size + 1, dtype=dtype, device=self.device)
-        dist.recv(message, src=self.topo.rank(self.stage - 1, self.tp_rank), group=self._pp())
+        dist.recv(message, src=self.topo.rank(self.stage - 1, self.tp_rank, self.dp_rank), group=self._pp())
         # Where cuts are off the flag is never read: no host read of a device tensor per step.
         if self.checks_cuts and message[-1].item() > 0:
-            raise StepCut
+            if not self.votes_in_exchange:
+                raise StepCut
+            self._carried_cut = True  # this stage stops together, at its first exchange
         return message[:-1].view(num_tokens, hidden_size)
 
     def send_hidden(self, hidden: torch.Tensor | None, num_tokens: int, hidden_size: int,
@@ -146,4 +158,32 @@ class ParallelContext:
         body = hidden if hidden is not None else torch.zeros(num_tokens * hidden_size, dtype=dtype,
                                                              device=self.device)
         message = with_cut_flag(body, hidden is None)
-        return dist.isend(message, dst=self.topo.rank(self.stage + 1, self.tp_rank), group=self._pp())
+        return dist.isend(message, dst=self.topo.rank(self.stage + 1, self.tp_rank, self.dp_rank), group=self._pp())
+
+    # expert parallelism across data-parallel groups
+    def _stage(self) -> dist.ProcessGroup:
+        if self.stage_group is None:
+            raise RuntimeError(f"rank {self.rank} exchanges no tokens under {self.topo} "
+                               f"(built outside a worker pool, its world was left, or dp * tp is 1)")
+        return self.stage_group
+
+    def exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """All-to-all of row counts over the stage: `counts` [ep_size, n] int64, row r for ep rank r;
+        returns what every rank sent this one, [ep_size, n]. Also the cut check of the stage (see the
+        module docstring): a column of votes travels with the counts, and StepCut is raised on every
+        rank if any rank voted to cut."""
+        vote = self._carried_cut or (self.checks_cuts and self.cut_requested())
+        sent = torch.cat([counts, counts.new_full((counts.shape[0], 1), int(vote))], dim=1)
+        got = torch.empty_like(sent)
+        dist.all_to_all_single(got, sent, group=self._stage())
+        if self.checks_cuts and bool(got[:, -1].any()):
+            raise StepCut
+        return got[:, :-1]
+
+    def exchange_rows(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """All-to-all of rows over the stage: rows[sum(send_counts[:r]) : ...] go to ep rank r, and
+        the rows each rank sends this one come back in ep rank order ([sum(recv_counts), ...])."""
+        out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv_counts,
+                               input_split_sizes=send_counts, group=self._stage())
+        return out

@@ -2,7 +2,8 @@
 
 Every pool worker, active or standby, joins one world, and at that moment every group any
 layout of the pool can need: the tensor-parallel groups of every (tp, pp) that fits the pool
-(one per distinct set of ranks; layouts share them), a group over all ranks for the hidden
+and the stages expert parallelism exchanges tokens over (one per distinct set of ranks;
+layouts share them), a group over all ranks for the hidden
 states a pipeline stage passes on, and another for KV migration. Forming groups is a
 rendezvous, the one kind of wait that cannot see a lost peer (there is no connection to break
 yet: the others wait for its key in the store). So all of it happens while the world forms —
@@ -43,18 +44,14 @@ def init_world(rank: int, world_size: int, init_method: str, backend: str) -> No
                             timeout=RENDEZVOUS_TIMEOUT)
 
 
-def tp_rank_sets(pool_size: int) -> list[tuple[int, ...]]:
-    """Every set of ranks that forms a tensor-parallel group in some layout of the pool, in one
-    order (every rank creates them in the same order: `new_group` is collective)."""
-    sets: list[tuple[int, ...]] = []
-    for tp in range(1, pool_size + 1):
-        for pp in range(1, pool_size // tp + 1):
-            topo = Topology(tp, pp)
-            for stage in range(pp):
-                ranks = tuple(topo.tp_group_ranks(stage))
-                if ranks not in sets:
-                    sets.append(ranks)
-    return sets
+def rank_sets(pool_size: int) -> list[tuple[int, ...]]:
+    """Every set of ranks that forms a group in some layout of the pool, in one order (every rank
+    creates them in the same order: `new_group` is collective). Ranks are numbered stage-major,
+    then data-parallel group, then tensor rank (remp.topology), so a tensor group of size n and
+    a stage of dp * tp = n ranks are both an aligned run of n consecutive ranks: every such run of
+    two or more ranks is a group."""
+    return [tuple(range(start, start + size)) for size in range(2, pool_size + 1)
+            for start in range(0, pool_size - size + 1, size)]
 
 
 class Groups:
@@ -68,12 +65,20 @@ class Groups:
         # hidden states; gloo matches messages by group, peer and tag, so the two streams get
         # separate groups and cannot take each other's messages.
         self.migration = dist.new_group(everyone, timeout=DIST_TIMEOUT)
-        self._tp = {ranks: dist.new_group(list(ranks), timeout=DIST_TIMEOUT)
-                    for ranks in tp_rank_sets(len(everyone)) if len(ranks) > 1}
+        # Tensor groups, and the stages that expert parallelism spreads experts over.
+        self._runs = {ranks: dist.new_group(list(ranks), timeout=DIST_TIMEOUT) for ranks in rank_sets(len(everyone))}
 
     def tp_group(self, topo: Topology) -> dist.ProcessGroup | None:
         """This rank's tensor-parallel group under `topo` (None on a standby rank or when tp is 1)."""
         coords = topo.coords(self.rank)
         if coords is None or topo.tp == 1:
             return None
-        return self._tp[tuple(topo.tp_group_ranks(coords[0]))]
+        return self._runs[tuple(topo.tp_group_ranks(coords.stage, coords.dp_rank))]
+
+    def stage_group(self, topo: Topology) -> dist.ProcessGroup | None:
+        """Every rank of this rank's stage under `topo` (all its data-parallel groups): where expert
+        parallelism exchanges tokens. None on a standby rank or a stage of one rank."""
+        coords = topo.coords(self.rank)
+        if coords is None or topo.stage_size == 1:
+            return None
+        return self._runs[tuple(topo.stage_ranks(coords.stage))]

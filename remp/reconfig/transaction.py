@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from remp.engine.outputs import RequestOutput
-from remp.executor.local import LOST_PEER_GRACE_S, WorkerError
+from remp.executor.local import LOST_PEER_GRACE_S, WorkerError, check_built
 from remp.kv.migration import bytes_moved, plan_kv_migration, to_rows
 from remp.reconfig.host import SwitchHost
 from remp.topology import Topology
@@ -90,6 +90,9 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
     result = ReconfigResult("unchanged", source.as_dict(), target.as_dict())
     if target == source:
         return result
+    if source.dp > 1 or target.dp > 1:
+        raise ValueError(f"a live switch to or from a data-parallel layout (dp > 1) is not supported yet: "
+                         f"{source} -> {target}; start the server with the layout instead")
     num_blocks = engine.num_blocks_for(target)
     transfers = plan_kv_migration(model, source, target)
     result.num_kv_blocks = {"before": engine.num_kv_blocks, "after": num_blocks}
@@ -115,6 +118,7 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
                              engine.num_live_kv_blocks() - len(copied) + engine.num_running())
         _serve_until(engine, on_outputs, ["prepared", "precopied"] if precopying else ["prepared"], timeout_s)
         prepared = executor.answers("prepared", timeout_s)
+        check_built(target, prepared)
         if precopying:
             executor.answers("precopied", timeout_s)
         result.weight_bytes_loaded = sum(answer.weight_bytes for answer in prepared.values())

@@ -159,8 +159,7 @@ def build_app(engine, api_key: str | None = None, policy: Policy | None = None,
     @app.post("/v1/admin/reconfigure")
     async def reconfigure(body: ReconfigureRequest) -> Response:
         try:
-            result = await engine.reconfigure(Topology(body.tensor_parallel_size, body.pipeline_parallel_size,
-                                                       body.enable_expert_parallel))
+            result = await engine.reconfigure(Topology.from_dict(body.model_dump()))
         except ReconfigInProgress as exc:
             raise APIError(409, str(exc), code="reconfiguration_in_progress") from None
         except ValueError as exc:  # TopologyError, or a KV cache too small for the target

@@ -107,6 +107,9 @@ class _EngineCollector(Collector):
             "remp:num_kv_blocks": ("KV cache blocks in the current layout.", stats.num_kv_blocks),
             "remp:tensor_parallel_size": ("Tensor parallel size of the current layout.", topology.tp),
             "remp:pipeline_parallel_size": ("Pipeline parallel size of the current layout.", topology.pp),
+            "remp:data_parallel_size": ("Data parallel size of the current layout.", topology.dp),
+            "remp:expert_parallel": ("1 if the current layout spreads whole experts over the ranks (expert "
+                                     "parallelism), else 0.", int(topology.ep)),
         }
         for name, (doc, value) in gauges.items():
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])

@@ -373,4 +373,6 @@ class ReconfigureRequest(BaseModel):
 
     tensor_parallel_size: int = Field(ge=1)
     pipeline_parallel_size: int = Field(ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
     enable_expert_parallel: bool = False
+    expert_placement_strategy: Literal["linear", "round_robin"] = "linear"

@@ -139,7 +139,7 @@ class Worker:
         """Build the target layout beside the steps that keep coming: this rank's model, its
         weights as views of the weight store (or the model built for this layout before, in this
         world), and its KV cache (layers in place are shared). The groups were formed with the world."""
-        topo = Topology(cmd.tp, cmd.pp)
+        topo = Topology.from_dict(cmd.layout)
         self.switch_waiting.clear()
         self.target = None
         self.block_size = cmd.block_size
@@ -163,7 +163,7 @@ class Worker:
                      reuse=self.kv)
         self.target = LayoutState(topo, model, kv, unpacked)
         t_kv = time.perf_counter()
-        return Prepared(self.rank, cmd.switch_id, standby=False,
+        return Prepared(self.rank, cmd.switch_id, standby=False, layout=str(topo),
                         weight_bytes=copied,
                         build=BuildTimes(groups=t_groups - t0, shard=t_shard - t_model, model=t_model - t_groups,
                                          kv=t_kv - t_shard))
@@ -409,10 +409,12 @@ class Worker:
         t0 = time.perf_counter()
         model = self.model
         ctx: ParallelContext = model.ctx
-        batch = self._batch(cmd.seqs, self.kv.block_size)
-        t1 = time.perf_counter()
         self._pending_sends = [w for w in self._pending_sends if not w.is_completed()]
         ctx.begin_step(cmd.step_id)
+        if not cmd.seqs:
+            return self._idle_step(cmd.step_id, model, ctx, time.perf_counter() - t0)
+        batch = self._batch(cmd.seqs, self.kv.block_size)
+        t1 = time.perf_counter()
         num_tokens, hidden_size = len(batch.input_ids), self.model_config.hidden_size
         out = None
         failure: Exception | None = None
@@ -437,13 +439,29 @@ class Worker:
             return None
         if out is None:  # every rank of the stage agreed (see ParallelContext.all_reduce); the first answers
             return StepResult(step_id=cmd.step_id, token_ids=[], logprobs=[], parse_s=t1 - t0,
-                              cut=True) if ctx.tp_rank == 0 else None
+                              cut=True, dp_rank=ctx.dp_rank) if ctx.tp_rank == 0 else None
         logits = ctx.gather_to_first(out)
         if logits is None:
             return None
         tokens, logprobs = sample(logits[:, :self.model_config.vocab_size].float(), cmd.seqs)
         return StepResult(step_id=cmd.step_id, token_ids=tokens, logprobs=logprobs,
-                          parse_s=t1 - t0)
+                          parse_s=t1 - t0, dp_rank=ctx.dp_rank)
+
+    @staticmethod
+    def _idle_step(step_id: int, model: nn.Module, ctx: ParallelContext, parse_s: float) -> StepResult | None:
+        """A step with no sequences for this rank's data-parallel group: nothing to compute, but the
+        group joins the exchanges between groups (and their cut votes) so the others can run; its
+        last stage's first tensor rank answers for the group, with no tokens."""
+        cut = False
+        if ctx.votes_in_exchange:
+            try:
+                model.join_exchanges()
+            except StepCut:
+                cut = True
+        if ctx.is_last and ctx.tp_rank == 0:
+            return StepResult(step_id=step_id, token_ids=[], logprobs=[], parse_s=parse_s, cut=cut,
+                              dp_rank=ctx.dp_rank)
+        return None
 
 
 def _wait_all(works: list[dist.Work]) -> None:
