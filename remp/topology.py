@@ -217,11 +217,11 @@ class Topology:
         return range(tp_rank * per, (tp_rank + 1) * per)
 
 
-def valid_layouts(model: ModelConfig, pool_size: int, data_parallel: bool = False) -> list[Topology]:
+def valid_layouts(model: ModelConfig, pool_size: int, data_parallel: bool = True) -> list[Topology]:
     """Every dp x tp x pp layout `model` can run on `pool_size` workers (and, for a mixture of
     experts, each with expert parallelism where it spreads experts over more than one rank),
     dp-major then tp-major: what a switch may target, so what a profile or a benchmark covers by
-    default. `data_parallel` False (the default) keeps dp = 1. Validity is `Topology.validate`'s. Round-robin
+    default. `data_parallel` False keeps dp = 1. Validity is `Topology.validate`'s. Round-robin
     placement is a variant a user asks for, not listed."""
     layouts = []
     for dp in range(1, (pool_size if data_parallel else 1) + 1):

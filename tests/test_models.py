@@ -7,6 +7,8 @@ the rank's stage): the same bytes, a view of the mapped checkpoint wherever the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -32,7 +34,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 
 def expected_slices(store: WeightStore, cfg: ModelConfig, topo: Topology, rank: int) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name -> the part of it rank `rank` holds under `topo`."""
-    stage, t, _ = topo.coords(rank)
+    stage, t, d = topo.coords(rank)
     hd = cfg.head_dim
     heads, kv = topo.heads_of(t, cfg.num_heads), topo.kv_heads_of(t, cfg.num_kv_heads)
     q_rows, kv_rows = range(heads.start * hd, heads.stop * hd), range(kv.start * hd, kv.stop * hd)
@@ -62,12 +64,15 @@ def expected_slices(store: WeightStore, cfg: ModelConfig, topo: Topology, rank: 
         out[p + "self_attn.o_proj.weight"] = store.full(p + "self_attn.o_proj.weight")[:, q_rows.start:q_rows.stop]
         if cfg.moe is not None and layer in cfg.moe.sparse_layers:
             # the router whole; every expert cut like a dense MLP to this rank's slice of its width,
-            # or, under expert parallelism, this rank's contiguous block of experts, whole
+            # or, under expert parallelism over the stage's dp * tp ranks, this rank's contiguous block
+            # of experts (linear) or every (dp * tp)-th from its place (round robin), whole
             moe, names = ("block_sparse_moe", ("w1", "w3", "w2")) if cfg.architecture == "MixtralForCausalLM" \
                 else ("mlp", ("gate_proj", "up_proj", "down_proj"))
             n, i = cfg.moe.num_experts, cfg.moe.intermediate_size
             width = range(i) if topo.ep else range(t * i // topo.tp, (t + 1) * i // topo.tp)
-            experts = range(t * n // topo.tp, (t + 1) * n // topo.tp) if topo.ep else range(n)
+            place, spread = d * topo.tp + t, topo.dp * topo.tp
+            experts = (range(n) if not topo.ep else range(place, n, spread) if topo.placement == "round_robin"
+                       else range(place * n // spread, (place + 1) * n // spread))
             out[f"{p}{moe}.gate.weight"] = store.full(f"{p}{moe}.gate.weight")
             for e in experts:
                 gate, up, down = (f"{p}{moe}.experts.{e}.{n}.weight" for n in names)
@@ -102,6 +107,7 @@ def test_every_parameter_gets_its_slice_for_every_layout(checkpoints, variant):
     path = checkpoints[variant]
     cfg = ModelConfig.from_pretrained(path)
     layouts = valid_layouts(cfg, POOL)
+    layouts += [dataclasses.replace(t, placement="round_robin") for t in layouts if t.ep]
     assert len(layouts) >= 4, layouts
     for topo in layouts:
         for rank in range(topo.world_size):

@@ -28,11 +28,12 @@ def run_cli(*args: str) -> int:
 
 def test_valid_layouts(tiny_gqa):
     model = ModelConfig.from_pretrained(tiny_gqa)  # 8 query / 2 KV heads, 4 layers
-    assert [str(t) for t in valid_layouts(model, 4)] == ["tp1pp1", "tp1pp2", "tp1pp3", "tp1pp4", "tp2pp1", "tp2pp2",
-                                                         "tp4pp1"]
+    assert [str(t) for t in valid_layouts(model, 4)] == [
+        "tp1pp1", "tp1pp2", "tp1pp3", "tp1pp4", "tp2pp1", "tp2pp2", "tp4pp1",
+        "dp2tp1pp1", "dp2tp1pp2", "dp2tp2pp1", "dp3tp1pp1", "dp4tp1pp1"]
     smollm2 = dataclasses.replace(model, num_heads=9, num_kv_heads=3, num_layers=30)
-    assert valid_layouts(smollm2, 4) == [Topology(1, 1), Topology(1, 2), Topology(1, 3), Topology(1, 4),
-                                         Topology(3, 1)]
+    assert valid_layouts(smollm2, 4, data_parallel=False) == [Topology(1, 1), Topology(1, 2), Topology(1, 3),
+                                                              Topology(1, 4), Topology(3, 1)]
 
 
 def test_profile_cli_writes_complete_profile(tiny_gqa, tmp_path):

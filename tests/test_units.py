@@ -343,7 +343,8 @@ def _switch_host(sched: Scheduler, block_size: int):
     from remp.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.__new__(LLMEngine)
-    engine.config = SimpleNamespace(block_size=block_size)
+    engine.config = SimpleNamespace(block_size=block_size, max_num_seqs=sched.max_num_seqs)
+    engine.max_num_batched_tokens = sched.max_num_batched_tokens
     engine.schedulers = [sched]
     return engine
 
@@ -356,46 +357,56 @@ def _run_prompts(sched: Scheduler, *seqs: Sequence) -> None:
 
 
 def test_the_engine_names_the_kv_blocks_a_switch_copies_and_moves():
-    """Full blocks (below the target's count) with their hand-out counts are pre-copied; the
-    filling ones, and a full one freed and handed out again since, are stale at the pause."""
+    """Each running request's blocks, how many are full (pre-copied) and their hand-out counts: a
+    full block freed and handed out again since shows a new count (stale at the pause)."""
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
     engine = _switch_host(sched, 4)
     a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
     _run_prompts(sched, a, b, c)  # a: blocks 0 1 | 2, b: 3 |, c: 4 | 5 (full | filling)
     assert engine.num_running() == 3 and engine.num_live_kv_blocks() == 6 and engine.num_kv_blocks == 16
-    assert engine.live_kv_blocks() == [0, 1, 2, 3, 4, 5]
-    copied = engine.full_kv_blocks(below=4)
-    assert copied == {0: 1, 1: 1, 3: 1}
-    assert engine.filling_kv_blocks() == [2, 5]
-    assert engine.stale_kv_blocks(engine.live_kv_blocks(), copied) == [2, 4, 5]
+    kv = {r.request_id: (r.group, r.blocks, r.full, r.handouts) for r in engine.running_kv()}
+    assert kv == {"r0": (0, (0, 1, 2), 2, (1, 1, 1)), "r1": (0, (3,), 1, (1,)), "r2": (0, (4, 5), 1, (1, 1))}
     sched.finish(b, "stop")  # block 3 goes to d: its pre-copy no longer holds d's KV
     a.output_token_ids.append(1)
     c.output_token_ids.append(1)
     _run_prompts(sched, _seq(3, 3))
-    assert engine.live_kv_blocks() == [0, 1, 2, 3, 4, 5]
-    assert engine.stale_kv_blocks(engine.live_kv_blocks(), copied) == [2, 3, 4, 5]
+    assert {r.request_id: r.handouts for r in engine.running_kv()}["r3"] == (2,)
 
 
-def test_the_engine_adopts_a_smaller_block_pool_with_renumbered_tables():
+def test_the_engine_adopts_a_placement_across_data_parallel_groups():
+    """Two groups of 16 blocks become one of 8: every running request lands in group 0 with its
+    placed ids, the rest is free with fresh hand-out counts, and a waiting request of the group
+    that is gone moves too."""
+    from remp.kv.placement import BlockSpace, place_requests
+
+    g0 = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    g1 = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    engine = _switch_host(g0, 4)
+    engine.schedulers = [g0, g1]
+    a, b, c, d = _seq(0, 9), _seq(1, 4), _seq(2, 5), _seq(3, 3)
+    _run_prompts(g0, a)  # a: 0 1 2
+    for seq in (b, c, d):
+        seq.group = 1
+    _run_prompts(g1, b, c)  # b: 16+0, c: 16+1 16+2
+    g1.add(d)
+    running = engine.running_kv()
+    assert [r.blocks for r in running] == [(0, 1, 2), (16,), (17, 18)]
+    placement = place_requests(running, BlockSpace(16), BlockSpace(8), 2, 1)
+    assert placement.groups == {0: 0, 1: 0, 2: 0} and not placement.overflow
+    engine.adopt_placement(8, 1, placement)
+    assert len(engine.schedulers) == 1 and engine.num_kv_blocks == 8
+    assert (a.block_ids, b.block_ids, c.block_ids) == ([0, 1, 2], [3], [4, 5])
+    assert [s.request_id for s in engine.scheduler.running] == ["r0", "r1", "r2"]
+    assert [s.request_id for s in engine.scheduler.waiting] == ["r3"] and d.group == 0
+    assert engine.scheduler.blocks.num_free == 2 and engine.scheduler.blocks.handouts(3) == 0
+
+
+def test_the_engine_preempts_the_requests_a_switch_has_no_room_for():
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
     engine = _switch_host(sched, 4)
     a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
     _run_prompts(sched, a, b, c)
-    sched.finish(a, "stop")  # live: b 3, c 4 5
-    engine.adopt_kv_blocks(4, {3: 3, 4: 0, 5: 1})
-    assert (b.block_ids, c.block_ids) == ([3], [0, 1])
-    assert engine.num_kv_blocks == 4 and engine.live_kv_blocks() == [0, 1, 3]
-    assert sched.blocks.num_free == 1 and sched.blocks.allocate(1) == [2]
-    assert sched.blocks.handouts(3) == 0  # a fresh pool: no pre-copy refers to it
-
-
-def test_the_engine_preempts_the_newest_requests_to_fit_a_smaller_pool():
-    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
-    engine = _switch_host(sched, 4)
-    a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
-    _run_prompts(sched, a, b, c)
-    assert engine.preempt_to_fit(6) == []
-    assert engine.preempt_to_fit(3) == ["r2", "r1"]
+    assert engine.preempt_requests([2, 1]) == ["r1", "r2"]
     assert engine.num_running() == 1 and engine.num_live_kv_blocks() == 3
     assert b.status is SeqStatus.WAITING and c.status is SeqStatus.WAITING
 
@@ -421,7 +432,7 @@ def test_the_switch_reaches_the_engine_only_through_its_host_protocol():
 
     members = [n for n, v in vars(SwitchHost).items() if callable(v) or isinstance(v, property)]
     members = [n for n in members if not n.startswith("_")]
-    assert {"adopt_kv_blocks", "drain", "recover", "stale_kv_blocks", "topology"} <= set(members)
+    assert {"adopt_placement", "drain", "recover", "running_kv", "topology"} <= set(members)
     for name in members:
         assert isinstance(getattr(LLMEngine, name), type(vars(SwitchHost)[name])), name
     init = inspect.getsource(LLMEngine.__init__)
@@ -508,10 +519,13 @@ def test_a_prepare_command_carries_every_field_of_the_layout():
 
 
 def test_a_precopy_command_names_the_blocks_its_pause_will_move():
-    from remp.executor.messages import PrecopyCommand, decode, encode
+    from remp.executor.messages import CommitCommand, KVMoveRows, PrecopyCommand, decode, encode
 
-    cmd = PrecopyCommand(transfers=[[0, 0, 1, 0, 0, 1]], blocks=[0, 1], switch_id=4, filling=[2], pause_blocks=3)
-    assert decode(encode(cmd)) == cmd and decode(encode(cmd)).pause_blocks == 3
+    move = KVMoveRows(transfers=[[0, 0, 1, 0, 0, 1]], src_blocks=[0, 1], dst_blocks=[3, 4])
+    cmd = PrecopyCommand(moves=[move], switch_id=4, filling=[[2], []], pause_blocks=[3])
+    assert decode(encode(cmd)) == cmd and decode(encode(cmd)).moves[0].dst_blocks == [3, 4]
+    commit = CommitCommand(threads=1, switch_id=4, moves=[move])
+    assert decode(encode(commit)) == commit
 
 
 def test_a_commit_is_undone_by_an_abort_and_kept_by_a_confirm():

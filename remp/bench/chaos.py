@@ -249,7 +249,7 @@ def topology(client: httpx.Client, url: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     model = ModelConfig.from_pretrained(args.model)
-    layouts = [f"{t.tp}x{t.pp}" for t in valid_layouts(model, args.pool)]
+    layouts = [f"{t.tp}x{t.pp}" for t in valid_layouts(model, args.pool, data_parallel=False)]
     if len(layouts) < 2:
         raise SystemExit(f"error: {args.model} has fewer than two valid layouts on a pool of {args.pool}")
     server = ServerProcess(args.model, [

@@ -29,6 +29,7 @@ from remp.executor.local import LOST_PEER_GRACE_S, LocalExecutor, PoolLostError,
 from remp.executor.messages import SeqWork, StepCommand
 from remp.kv.blocks import BlockManager
 from remp.kv.cache import blocks_for_budget
+from remp.kv.placement import BlockSpace, Placement, RequestKV
 from remp.reconfig.transaction import ReconfigResult, run_transaction
 from remp.topology import Topology
 
@@ -291,48 +292,56 @@ class LLMEngine:
 
     def num_live_kv_blocks(self) -> int:
         """How many KV blocks the running requests hold."""
-        return sum(len(seq.block_ids) for seq in self.scheduler.running)
+        return sum(len(seq.block_ids) for scheduler in self.schedulers for seq in scheduler.running)
 
-    def live_kv_blocks(self) -> list[int]:
-        """The KV blocks the running requests hold, ascending."""
-        return sorted(b for seq in self.scheduler.running for b in seq.block_ids)
+    def running_kv(self) -> list[RequestKV]:
+        """Every running request's KV blocks (global ids: group g's block b is g * num_kv_blocks + b),
+        how many of them are full, and their hand-out counts now. Steps in flight write only past
+        `num_computed`, so a full block is not written again unless it is freed and handed out anew,
+        which its hand-out count then shows: what lets a switch pre-copy full blocks."""
+        space, bs = BlockSpace(self.num_kv_blocks), self.config.block_size
+        return [RequestKV(seq.seq_id, seq.request_id, group, tuple(space.to_global(group, b) for b in seq.block_ids),
+                          seq.num_computed // bs, tuple(scheduler.blocks.handouts(b) for b in seq.block_ids))
+                for group, scheduler in enumerate(self.schedulers) for seq in scheduler.running]
 
-    def full_kv_blocks(self, below: int) -> dict[int, int]:
-        """Every full KV block of the running requests with an id below `below`, with its hand-out
-        count now: what a switch pre-copies. Steps in flight write only past `num_computed`, so
-        none of these is written again unless it is freed and handed out anew, which its hand-out
-        count then shows (`stale_kv_blocks`)."""
-        bs = self.config.block_size
-        blocks = self.scheduler.blocks
-        return {b: blocks.handouts(b) for seq in self.scheduler.running
-                for b in seq.block_ids[:seq.num_computed // bs] if b < below}
+    def preempt_requests(self, keys: list[int]) -> list[str]:
+        """Preempt the running requests with these sequence ids (they recompute later); returns
+        their request ids. No step may be in flight."""
+        out = []
+        for scheduler in self.schedulers:
+            for seq in [s for s in scheduler.running if s.seq_id in keys]:
+                scheduler.preempt(seq)
+                out.append(seq.request_id)
+        return out
 
-    def filling_kv_blocks(self) -> list[int]:
-        """The KV blocks of the running requests not full yet: the last of each request, and any
-        a step in flight has taken."""
-        bs = self.config.block_size
-        return [b for seq in self.scheduler.running for b in seq.block_ids[seq.num_computed // bs:]]
-
-    def stale_kv_blocks(self, blocks: list[int], copied: dict[int, int]) -> list[int]:
-        """Of `blocks`, those whose bytes a copy taken at `copied` (block -> hand-out count, from
-        `full_kv_blocks`) may not hold: never copied, or handed out again since."""
-        handouts = self.scheduler.blocks.handouts
-        return [b for b in blocks if copied.get(b) != handouts(b)]
-
-    def preempt_to_fit(self, num_blocks: int) -> list[str]:
-        """Preempt the newest running requests until the live KV blocks fit in `num_blocks` (they
-        recompute later); returns their request ids. No step may be in flight."""
-        return self.scheduler.shrink_to(num_blocks)
-
-    def adopt_kv_blocks(self, num_blocks: int, renumber: dict[int, int]) -> None:
-        """Take a KV block pool of `num_blocks` (the workers' cache after a switch) in which live
-        block b is renumber[b]: the running requests' block tables follow, the rest is free, and
-        hand-out counts start over. No step may be in flight."""
-        running = self.scheduler.running
+    def adopt_placement(self, num_blocks: int, dp: int, placement: Placement) -> None:
+        """Take the workers' KV after a switch: `dp` groups of `num_blocks` blocks each, running
+        request k in group placement.groups[k] with its block b (global id) at placement.renumber[b].
+        Block tables follow, the rest is free, and hand-out counts start over. Waiting requests keep
+        their group where it still exists, else go to the least loaded one. No step may be in flight."""
+        old, space = self.schedulers, BlockSpace(num_blocks)
+        new = self._schedulers(dp, num_blocks) if dp != len(old) else old
+        running = sorted((seq for scheduler in old for seq in scheduler.running), key=lambda s: s.seq_id)
+        waiting = sorted((seq for scheduler in old for seq in scheduler.waiting), key=lambda s: s.seq_id)
+        used: list[list[int]] = [[] for _ in range(dp)]
+        if new is not old:
+            new[0].num_preemptions = sum(scheduler.num_preemptions for scheduler in old)
+            for scheduler in new:
+                scheduler.admitting = old[0].admitting
+            for seq in running:
+                new[placement.groups[seq.seq_id]].running.append(seq)
+            for seq in waiting:
+                seq.group = seq.group if seq.group < dp else min(range(dp), key=lambda g: new[g].num_requests)
+                new[seq.group].waiting.append(seq)
+        source = BlockSpace(self.num_kv_blocks)
         for seq in running:
-            seq.block_ids = [renumber[b] for b in seq.block_ids]
-        self.scheduler.blocks = BlockManager(num_blocks, self.config.block_size,
-                                             used=[b for seq in running for b in seq.block_ids])
+            blocks = [placement.renumber[source.to_global(seq.group, b)] for b in seq.block_ids]
+            seq.group = placement.groups[seq.seq_id]
+            seq.block_ids = [space.local(b) for b in blocks]
+            used[seq.group] += seq.block_ids
+        for group, scheduler in enumerate(new):
+            scheduler.blocks = BlockManager(num_blocks, self.config.block_size, used=used[group])
+        self.schedulers = new
 
     def reconfigure(self, target: Topology, on_outputs: Callable[[list[RequestOutput]], None],
                     requested_at: float | None = None) -> ReconfigResult:
@@ -395,12 +404,19 @@ class LLMEngine:
         return preempted
 
     def kv_digests(self, blocks: list[int]) -> dict[str, set[str]]:
-        """Hash of every (layer, KV head, block) slice, gathered over the ranks holding it
-        (replicated heads give one hash per holder, all equal unless something is wrong)."""
+        """Hash of every (layer, KV head, block) slice of `blocks` (global ids, as `running_kv`
+        gives them), gathered over the ranks holding it (replicated heads give one hash per holder,
+        all equal unless something is wrong). Keys are "layer:head:block" with the global id."""
+        space, topo = BlockSpace(self.num_kv_blocks), self.topology
+        per_group: list[list[int]] = [[] for _ in range(topo.dp)]
+        for b in blocks:
+            per_group[space.group_of(b)].append(space.local(b))
         out: dict[str, set[str]] = {}
-        for digests in self.executor.kv_digests(blocks).values():
+        for rank, digests in self.executor.kv_digests(per_group).items():
+            group = topo.coords(rank).dp_rank if topo.coords(rank) else 0
             for key, value in digests.items():
-                out.setdefault(key, set()).add(value)
+                layer, head, block = key.split(":")
+                out.setdefault(f"{layer}:{head}:{space.to_global(group, int(block))}", set()).add(value)
         return out
 
     def stats(self) -> EngineStats:

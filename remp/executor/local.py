@@ -31,9 +31,9 @@ import zmq
 from remp.executor.cut import CutFlags
 from remp.weights.serving_copy import serving_weights
 from remp.executor.messages import (FAULT_ENV, AbortCommand, Aborted, CommitCommand, Committed, ConfirmCommand,
-                                    Digest, DigestCommand, Heartbeat, LeaveCommand, Left, PrecopyCommand, Precopied,
-                                    PrepareCommand, Prepared, ReformCommand, Reformed, Reply, ShutdownCommand, Started,
-                                    StepCommand, StepResult, WorkerFailed, decode, encode)
+                                    Digest, DigestCommand, Heartbeat, KVMoveRows, LeaveCommand, Left, PrecopyCommand,
+                                    Precopied, PrepareCommand, Prepared, ReformCommand, Reformed, Reply,
+                                    ShutdownCommand, Started, StepCommand, StepResult, WorkerFailed, decode, encode)
 from remp.parallel.groups import RENDEZVOUS_TIMEOUT
 from remp.topology import Topology
 
@@ -313,25 +313,22 @@ class LocalExecutor:
         self._broadcast(PrepareCommand(layout=topo.as_dict(), num_blocks=num_blocks, block_size=block_size,
                                        switch_id=self._switch_id))
 
-    def precopy(self, transfers: list[list[int]], blocks: list[int], filling: list[int] | None = None,
-                pause_blocks: int = 0) -> None:
-        """Ask every pool worker to copy the KV of `blocks` (which keep their ids) into the
-        prepared layout once it is built, and to get the pause ready for the `filling` blocks (at
-        most `pause_blocks` in all; see PrecopyCommand); the answers (Precopied) arrive while steps
-        go on."""
-        self._broadcast(PrecopyCommand(transfers, blocks, self._switch_id, filling or [], pause_blocks))
+    def precopy(self, moves: list[KVMoveRows], filling: list[list[int]], pause_blocks: list[int]) -> None:
+        """Ask every pool worker to copy the KV the `moves` carry into the prepared layout once it is
+        built, and to get the pause ready for the `filling` blocks and about `pause_blocks` blocks
+        per move (see PrecopyCommand); the answers (Precopied) arrive while steps go on."""
+        self._broadcast(PrecopyCommand(moves, self._switch_id, filling, pause_blocks))
 
     def answers(self, kind: str, timeout_s: float) -> dict[int, Reply]:
         """Every pool worker's answer of `kind` (a reply type's `kind`, e.g. "prepared" for
         Prepared), waiting for those not in yet."""
         return self._wait_replies(kind, range(self.pool_size), timeout_s)
 
-    def start_commit(self, threads: int, transfers: list[list[int]] | None = None, src_blocks: list[int] | None = None,
-                     dst_blocks: list[int] | None = None) -> None:
-        """Ask every worker to move the live KV of `src_blocks` not yet in place (to `dst_blocks`)
-        and switch to the prepared layout, in one command. A worker runs it after the steps sent
-        to it before, so it may go out with steps still in flight (cut ones, say)."""
-        self._broadcast(CommitCommand(threads, self._switch_id, transfers or [], src_blocks or [], dst_blocks or []))
+    def start_commit(self, threads: int, moves: list[KVMoveRows] | None = None) -> None:
+        """Ask every worker to move the live KV not yet in place (`moves`) and switch to the prepared
+        layout, in one command. A worker runs it after the steps sent to it before, so it may go out
+        with steps still in flight (cut ones, say)."""
+        self._broadcast(CommitCommand(threads, self._switch_id, moves or []))
 
     def finish_commit(self, topo: Topology, timeout_s: float) -> dict[int, Committed]:
         """Every worker's answer to the commit. Once all have answered the
@@ -498,9 +495,13 @@ class LocalExecutor:
         self._early.clear()
         return replaced
 
-    def kv_digests(self, blocks: list[int], timeout_s: float = 60.0) -> dict[int, dict[str, str]]:
-        """Per rank, sha1 of each (layer, KV head, block) slice it holds."""
-        self._broadcast(DigestCommand(blocks))
+    def kv_digests(self, blocks: list[list[int]], timeout_s: float = 60.0) -> dict[int, dict[str, str]]:
+        """Per rank, sha1 of each (layer, KV head, block) slice it holds of blocks[g] (ids in the
+        cache of data-parallel group g, its group)."""
+        topo = self.topology
+        for rank in range(self.pool_size):
+            coords = topo.coords(rank)
+            self._broadcast(DigestCommand(blocks[coords.dp_rank] if coords else []), [rank])
         return {r: answer.digests for r, answer in self.answers(Digest.kind, timeout_s).items()}
 
     def cut(self) -> None:

@@ -51,38 +51,45 @@ class PrepareCommand:
 
 
 @dataclass
-class PrecopyCommand:
-    """Copy the KV of full blocks (which keep their ids) into the prepared layout, beside the
-    steps that keep coming; answered by Precopied. Transfers as [layer, src_rank, dst_rank,
-    src_head, dst_head, num_heads]. The KV left for the pause travels in the CommitCommand.
-
-    Also get the pause ready for the rest: `filling` are the live blocks still being written,
-    which the pause will move with about `pause_blocks` blocks in all. Their places in the target
-    cache (those that keep their ids) are written once now, and the pause's exchange buffer for
-    `pause_blocks` blocks is set aside, so the pause touches no fresh memory: a first touch costs
-    a page fault per page, and for the send buffer, the receive buffer and the target's slices
-    those faults cost more than the copies themselves."""
+class KVMoveRows:
+    """A remp.kv.migration.KVMove on the wire: transfers as [layer, src_rank, dst_rank, src_head,
+    dst_head, num_heads]; block src_blocks[i] of the source group's cache becomes dst_blocks[i] of
+    the target group's."""
 
     transfers: list[list[int]]
-    blocks: list[int]
+    src_blocks: list[int]
+    dst_blocks: list[int]
+
+
+@dataclass
+class PrecopyCommand:
+    """Copy the KV of full blocks into the prepared layout, beside the steps that keep coming
+    (`moves`, walked in order by every rank); answered by Precopied. The KV left for the pause
+    travels in the CommitCommand.
+
+    Also get the pause ready for the rest: `filling[g]` are the target ids, in target group g, of
+    the live blocks still being written, and the pause's moves will carry about `pause_blocks[i]`
+    blocks along moves[i]'s transfers. Those places in the target cache are written once now, and
+    the pause's exchange buffer is set aside, so the pause touches no fresh memory: a first touch
+    costs a page fault per page, and for the send buffer, the receive buffer and the target's
+    slices those faults cost more than the copies themselves."""
+
+    moves: list[KVMoveRows]
     switch_id: int
-    filling: list[int] = field(default_factory=list)
-    pause_blocks: int = 0
+    filling: list[list[int]] = field(default_factory=list)
+    pause_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
 class CommitCommand:
-    """In the pause: move the live KV not yet in place (transfers as in PrecopyCommand; block
-    src_blocks[i] of the old cache becomes dst_blocks[i] of the new; nothing when empty), then
-    switch to the prepared layout (or go standby). One round trip. The switch is tentative until
-    a ConfirmCommand: an Abort or a Reform before then goes back to the old layout, so a rank that
-    fails here leaves no peer stranded on the new one."""
+    """In the pause: move the live KV not yet in place (`moves` as in PrecopyCommand; nothing when
+    empty), then switch to the prepared layout (or go standby). One round trip. The switch is
+    tentative until a ConfirmCommand: an Abort or a Reform before then goes back to the old layout,
+    so a rank that fails here leaves no peer stranded on the new one."""
 
     threads: int
     switch_id: int  # echoed in the reply: one of an abandoned switch is told apart and dropped
-    transfers: list[list[int]] = field(default_factory=list)
-    src_blocks: list[int] = field(default_factory=list)
-    dst_blocks: list[int] = field(default_factory=list)
+    moves: list[KVMoveRows] = field(default_factory=list)
 
 
 @dataclass
@@ -97,7 +104,7 @@ class AbortCommand:
 
 @dataclass
 class DigestCommand:
-    """Report hashes of this rank's KV slices for the given blocks."""
+    """Report hashes of this rank's KV slices for the given blocks (ids in its group's cache)."""
 
     blocks: list[int]
 
@@ -293,6 +300,8 @@ def decode(data: bytes) -> Message:
     try:
         if cls is StepCommand:
             body["seqs"] = [SeqWork(**s) for s in body["seqs"]]
+        elif cls in (PrecopyCommand, CommitCommand):
+            body["moves"] = [KVMoveRows(**m) for m in body.get("moves", [])]
         elif cls is Prepared and body.get("build") is not None:
             body["build"] = BuildTimes(**body["build"])
         return cls(**body)

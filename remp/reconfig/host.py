@@ -5,10 +5,10 @@ through the named methods below, and drives the workers through the engine's exe
 engine (remp.engine.llm_engine.LLMEngine) satisfies `SwitchHost` structurally; this module and
 the transaction import nothing from it, so the dependency runs one way: engine -> switch.
 
-Block ids are the engine's global KV block ids (remp.kv.blocks): a "live" block is one held by
-a running request; a "full" one holds block_size computed tokens and is not written again while
-its request holds it; a "filling" one is the last of a request, or one a step in flight has
-taken.
+Block ids are global KV block ids (remp.kv.placement.BlockSpace: each data-parallel group's own
+ids, offset by the group): a "live" block is one held by a running request; a "full" one holds
+block_size computed tokens and is not written again while its request holds it; a "filling" one
+is the last of a request, or one a step in flight has taken.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from remp.config import EngineConfig, ModelConfig
     from remp.engine.outputs import RequestOutput
     from remp.executor.local import LocalExecutor
+    from remp.kv.placement import Placement, RequestKV
     from remp.topology import Topology
 
     OnOutputs = Callable[[list[RequestOutput]], None]
@@ -68,22 +69,15 @@ class SwitchHost(Protocol):
 
     def num_live_kv_blocks(self) -> int: ...
 
-    def live_kv_blocks(self) -> list[int]:
-        """The live blocks, ascending."""
+    def running_kv(self) -> list[RequestKV]:
+        """Every running request's blocks (global ids), how many are full, their hand-out counts."""
 
-    def full_kv_blocks(self, below: int) -> dict[int, int]:
-        """The full live blocks with ids below `below`, each with its hand-out count now."""
+    def preempt_requests(self, keys: list[int]) -> list[str]:
+        """Preempt the running requests with these keys (they recompute later); their request ids."""
 
-    def filling_kv_blocks(self) -> list[int]: ...
-
-    def stale_kv_blocks(self, blocks: list[int], copied: dict[int, int]) -> list[int]:
-        """Of `blocks`, those `copied` (from `full_kv_blocks`) does not cover any more."""
-
-    def preempt_to_fit(self, num_blocks: int) -> list[str]:
-        """Preempt the newest running requests until the live blocks fit `num_blocks`; their ids."""
-
-    def adopt_kv_blocks(self, num_blocks: int, renumber: dict[int, int]) -> None:
-        """Take a pool of `num_blocks`, live block b becoming renumber[b]."""
+    def adopt_placement(self, num_blocks: int, dp: int, placement: Placement) -> None:
+        """Take `dp` pools of `num_blocks`, each running request in its placed group, each block at
+        its placed id."""
 
     # steps and workers
     def step(self, interrupt: Callable[[], bool] | None = None) -> list[RequestOutput]: ...

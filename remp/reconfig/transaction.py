@@ -36,7 +36,9 @@ from dataclasses import asdict, dataclass, field
 
 from remp.engine.outputs import RequestOutput
 from remp.executor.local import LOST_PEER_GRACE_S, WorkerError, check_built
-from remp.kv.migration import bytes_moved, plan_kv_migration, to_rows
+from remp.executor.messages import KVMoveRows
+from remp.kv.migration import KVMove, bytes_moved, kv_moves, to_rows
+from remp.kv.placement import BlockSpace, Placement, RequestKV, place_requests
 from remp.reconfig.host import SwitchHost
 from remp.topology import Topology
 
@@ -90,36 +92,52 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
     result = ReconfigResult("unchanged", source.as_dict(), target.as_dict())
     if target == source:
         return result
-    if source.dp > 1 or target.dp > 1:
-        raise ValueError(f"a live switch to or from a data-parallel layout (dp > 1) is not supported yet: "
-                         f"{source} -> {target}; start the server with the layout instead")
     num_blocks = engine.num_blocks_for(target)
-    transfers = plan_kv_migration(model, source, target)
+    source_space, target_space = BlockSpace(engine.num_kv_blocks), BlockSpace(num_blocks)
     result.num_kv_blocks = {"before": engine.num_kv_blocks, "after": num_blocks}
     t_plan = time.perf_counter()
     result.timings_s["queued"] = t0 - t_asked
     result.timings_s["plan"] = t_plan - t0
     executor = engine.executor
-    wire = to_rows(transfers)
-    per_block = bytes_moved(transfers, 1, engine.config.block_size, model.head_dim, engine.dtype.itemsize)
+    block_size, itemsize = engine.config.block_size, engine.dtype.itemsize
+
+    def moves_for(running: list[RequestKV], placement: Placement, blocks: set[int], every_pair: bool = False):
+        return kv_moves(model, source, target, running, placement, blocks, source_space, target_space, every_pair)
+
+    def moved_bytes(moves: list[KVMove]) -> int:
+        return sum(bytes_moved(m.transfers, len(m.src_blocks), block_size, model.head_dim, itemsize) for m in moves)
+
     engine.pause_admission()
     try:
-        executor.prepare(target, num_blocks, engine.config.block_size)
-        # Every full live block that keeps its id, with its hand-out count now: none is written
-        # again unless it is freed and handed out anew, which its count shows at the pause.
-        copied = engine.full_kv_blocks(below=num_blocks)
-        filling = engine.filling_kv_blocks()  # the pause moves them
-        precopying = bool(copied or filling)
-        if precopying:  # queued behind the preparation on each worker: no wait for "prepared" first
-            # Buffers for every live block not pre-copied, and one more per request: no new prompt is
-            # admitted, and a decode fills a block in block_size steps (the pause allocates the
-            # rest if a long prepare lets a request fill more).
-            executor.precopy(wire, sorted(copied), filling,
-                             engine.num_live_kv_blocks() - len(copied) + engine.num_running())
-        _serve_until(engine, on_outputs, ["prepared", "precopied"] if precopying else ["prepared"], timeout_s)
+        executor.prepare(target, num_blocks, block_size)
+        # Where each running request goes (its group, its blocks' ids), decided now for the pre-copy.
+        running = engine.running_kv()
+        plan = place_requests(running, source_space, target_space, source.dp, target.dp)
+        held = {b: h for r in running for b, h in zip(r.blocks, r.handouts)}
+        # Every full block that has a place in the target, with its hand-out count now: none is
+        # written again unless it is freed and handed out anew, which its count shows at the pause.
+        copied = {b: h for r in running if r.key in plan.groups
+                  for b, h in zip(r.blocks[:r.full], r.handouts[:r.full])}
+        filling: list[list[int]] = [[] for _ in range(target.dp)]  # the pause moves them
+        for r in running:
+            for b in r.blocks[r.full:] if r.key in plan.groups else ():
+                filling[target_space.group_of(plan.renumber[b])].append(target_space.local(plan.renumber[b]))
+        precopy_moves = moves_for(running, plan, set(copied), every_pair=True)
+        if copied or any(filling):  # queued behind the preparation on each worker: no wait for "prepared" first
+            # Buffers for every live block not pre-copied, and one more per request, per pair of groups:
+            # no new prompt is admitted, and a decode fills a block in block_size steps (the pause
+            # allocates the rest if a long prepare lets a request fill more).
+            pause_blocks = [sum(len(r.blocks) + 1 for r in running
+                                if (r.group, plan.groups.get(r.key)) == (m.src_dp, m.dst_dp)) - len(m.src_blocks)
+                            for m in precopy_moves]
+            executor.precopy([to_wire(m) for m in precopy_moves], filling, pause_blocks)
+            kinds = ["prepared", "precopied"]
+        else:
+            kinds = ["prepared"]
+        _serve_until(engine, on_outputs, kinds, timeout_s)
         prepared = executor.answers("prepared", timeout_s)
         check_built(target, prepared)
-        if precopying:
+        if "precopied" in kinds:
             executor.answers("precopied", timeout_s)
         result.weight_bytes_loaded = sum(answer.weight_bytes for answer in prepared.values())
         builds = [asdict(answer.build) for answer in prepared.values() if answer.build]  # standbys build nothing
@@ -127,18 +145,22 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
         executor.cut()  # the steps in flight stop at their next check; they run again on the target
-        if engine.num_live_kv_blocks() > num_blocks:
+        running, final = _place_at_pause(engine, plan, held, source_space, target_space, source.dp,
+                                         target.dp)
+        if final.overflow:
             engine.drain(on_outputs)  # preempting needs the steps in
-            result.preempted_request_ids = engine.preempt_to_fit(num_blocks)
+            result.preempted_request_ids = engine.preempt_requests(final.overflow)
+            running, final = _place_at_pause(engine, plan, held, source_space, target_space, source.dp,
+                                             target.dp)
         # Otherwise the commit goes out right behind the cut (each worker runs it after its steps):
         # the drain only frees blocks, so what it moves is a superset of what stays live, and it
         # reaches the workers while they finish their steps instead of after.
-        src_blocks = engine.live_kv_blocks()
-        remap = _renumber(src_blocks, num_blocks)
-        left = engine.stale_kv_blocks(src_blocks, copied)
-        result.live_kv_blocks = len(src_blocks)
-        result.precopied_kv_blocks = len(src_blocks) - len(left)
-        executor.start_commit(engine.threads_for(target), wire, left, [remap[b] for b in left])
+        now = {b: h for r in running for b, h in zip(r.blocks, r.handouts)}
+        left = {b for b, h in now.items() if copied.get(b) != h}  # never copied, or handed out again since
+        result.live_kv_blocks = len(now)
+        result.precopied_kv_blocks = len(now) - len(left)
+        pause_moves = moves_for(running, final, left)
+        executor.start_commit(engine.threads_for(target), [to_wire(m) for m in pause_moves])
         engine.drain(on_outputs)
         t_paused = time.perf_counter()
         result.timings_s["drain"] = t_paused - t_prepared
@@ -151,11 +173,11 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
         return result
     finally:
         engine.resume_admission()
-    engine.adopt_kv_blocks(num_blocks, remap)
+    engine.adopt_placement(num_blocks, target.dp, final)
     t_end = time.perf_counter()
     result.outcome = "committed"
-    result.kv_bytes_moved = per_block * (len(copied) + len(left))
-    result.kv_bytes_in_pause = per_block * len(left)
+    result.kv_bytes_in_pause = moved_bytes(pause_moves)
+    result.kv_bytes_moved = moved_bytes(precopy_moves) + result.kv_bytes_in_pause
     # The pause runs from the cut (no step is sent after it, and the cut ones yield no token) to
     # the resume: drain, then commit (the rest of the migration, the swap, the answers). "migrate"
     # is the slowest rank's migration, timed on the worker: a rank migrates right after its own
@@ -166,6 +188,11 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
     result.kv_buffer_bytes_allocated_in_pause = sum(answer.allocated_bytes for answer in committed.values())
     result.timings_s["total"] = t_end - t_asked
     return result
+
+
+def to_wire(move: KVMove) -> KVMoveRows:
+    """A move as the control plane carries it."""
+    return KVMoveRows(to_rows(move.transfers), move.src_blocks, move.dst_blocks)
 
 
 def _serve_until(engine: SwitchHost, on_outputs: Callable[[list[RequestOutput]], None], kinds: list[str],
@@ -206,9 +233,13 @@ def _roll_back(engine: SwitchHost, on_outputs: Callable[[list[RequestOutput]], N
                      f"and kept the old layout (first error: {result.reason})")
 
 
-def _renumber(live: list[int], num_blocks: int) -> dict[int, int]:
-    """Keep every live block id that exists in a cache of `num_blocks`; give the others the lowest
-    free ids (only happens when the cache shrinks)."""
-    keep = {b for b in live if b < num_blocks}
-    free = (b for b in range(num_blocks) if b not in keep)  # lazy: runs in the pause, blocks may be ~10^5
-    return {b: (b if b in keep else next(free)) for b in live}
+def _place_at_pause(engine: SwitchHost, plan: Placement, held: dict[int, int],
+                    source: BlockSpace, target: BlockSpace, source_dp: int,
+                    target_dp: int) -> tuple[list[RequestKV], Placement]:
+    """The running requests now and their placement: as planned for the pre-copy where nothing
+    changed (a request keeps its planned group, a block still handed out as it was keeps its planned
+    id), fresh for blocks taken since and for requests that did not fit then."""
+    running = engine.running_kv()
+    reserved = {b: plan.renumber[b] for r in running for b, h in zip(r.blocks, r.handouts)
+                if b in plan.renumber and held.get(b) == h}
+    return running, place_requests(running, source, target, source_dp, target_dp, keep=plan, reserved=reserved)

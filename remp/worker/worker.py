@@ -159,8 +159,11 @@ class Worker:
         # rest are packed once the switch is final (`confirm`).
         unpacked = adopt_packed(model, self.model if self._same_split(model) else None) if self.pack_weights else []
         t_shard = time.perf_counter()
+        # A layer's cache is shared with the layout in use only where requests keep their group (same
+        # dp): a request moving in from another group is pre-copied to ids that are free now, but the
+        # layout in use may hand them out to its own requests before the pause.
         kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
-                     reuse=self.kv)
+                     reuse=self.kv if self.topo is not None and self.topo.dp == topo.dp else None)
         self.target = LayoutState(topo, model, kv, unpacked)
         t_kv = time.perf_counter()
         return Prepared(self.rank, cmd.switch_id, standby=False, layout=str(topo),
@@ -247,7 +250,9 @@ class Worker:
         # behind the preparation, not after its success): it still sends what it holds and takes
         # what it is sent, so no peer waits on it, and then fails.
         unprepared = new_kv is None and bool(local or recvs)
-        local = [] if unprepared else [t for t in local if t.layer not in new_kv.reused]
+        # A layer whose cache the target shares with the one in use already has its blocks in place,
+        # unless they change ids (a request moving between data-parallel groups, or a pool that shrank).
+        local = [] if unprepared else [t for t in local if t.layer not in new_kv.reused or src_blocks != dst_blocks]
         src_idx = torch.tensor(src_blocks, device=self.device)
         dst_idx = torch.tensor(dst_blocks, device=self.device)
         shape = (len(src_blocks), 2, self.block_size, -1, self.model_config.head_dim)
@@ -285,23 +290,29 @@ class Worker:
 
     def precopy(self, cmd: PrecopyCommand) -> Precopied:
         """Beside the steps: copy the full blocks, then get the pause ready for the rest."""
-        if cmd.blocks:
-            self.migrate(cmd.transfers, cmd.blocks, cmd.blocks)
-        self.get_pause_ready(cmd.transfers, cmd.filling, cmd.pause_blocks)
+        for move in cmd.moves:
+            if move.src_blocks:
+                self.migrate(move.transfers, move.src_blocks, move.dst_blocks)
+        self.get_pause_ready(cmd)
         return Precopied(self.rank, cmd.switch_id)
 
-    def get_pause_ready(self, rows: list[list[int]], filling: list[int], pause_blocks: int) -> None:
-        """Touch now what the pause will write (see PrecopyCommand): the exchange buffer for
-        `pause_blocks` blocks, and the target's blocks `filling` in every layer the pause writes
-        (all but the layers shared with the cache in use, where the data already is)."""
-        _, sends, recvs = self._routes(rows)
-        heads = sum(t.num_heads for ts in [*sends.values(), *recvs.values()] for t in ts)
-        self.pause_buffer = torch.zeros(heads * self._head_elements(pause_blocks), dtype=self.dtype,
-                                        device=self.device)
+    def get_pause_ready(self, cmd: PrecopyCommand) -> None:
+        """Touch now what the pause will write (see PrecopyCommand): the exchange buffer for the
+        largest of the pause's moves on this rank (it walks them one after another), and the target's
+        blocks still filling in every layer the pause writes (all but the layers shared with the cache
+        in use, where the data already is)."""
+        elements = 0
+        for move, blocks in zip(cmd.moves, cmd.pause_blocks):
+            _, sends, recvs = self._routes(move.transfers)
+            heads = sum(t.num_heads for ts in [*sends.values(), *recvs.values()] for t in ts)
+            elements = max(elements, heads * self._head_elements(blocks))
+        self.pause_buffer = torch.zeros(elements, dtype=self.dtype, device=self.device)
         new_kv = self.target.kv if self.target else None
         if new_kv is None:  # leaving the layout (it may still send) or standby
             return
-        blocks = torch.tensor([b for b in filling if b < new_kv.num_blocks], dtype=torch.long, device=self.device)
+        group = self.target.topo.coords(self.rank).dp_rank
+        filling = cmd.filling[group] if group < len(cmd.filling) else []
+        blocks = torch.tensor(filling, dtype=torch.long, device=self.device)
         for layer, cache in new_kv.layers.items():
             if layer not in new_kv.reused:
                 cache.index_fill_(0, blocks, 0)
@@ -316,8 +327,9 @@ class Worker:
             self._pending_sends.clear()
         t0 = time.perf_counter()
         allocated = 0
-        if cmd.src_blocks:
-            allocated = self.migrate(cmd.transfers, cmd.src_blocks, cmd.dst_blocks, self.pause_buffer)
+        for move in cmd.moves:
+            if move.src_blocks:
+                allocated += self.migrate(move.transfers, move.src_blocks, move.dst_blocks, self.pause_buffer)
         self.pause_buffer = None
         answer = Committed(self.rank, cmd.switch_id, migrate_s=time.perf_counter() - t0, allocated_bytes=allocated)
         self.previous = ReplacedLayout(self.layout, self.loaded, torch.get_num_threads())
