@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "qwen3 (4 / 2, q/k norms, head_dim 32), mistral (8 / 2), mixtral (8 / 2, 8 experts, "
                            "top-2) or qwen3-moe (as qwen3, 8 experts, top-2, layer 1 dense)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--fused-experts", action="store_true",
+                      help="mixtral, qwen3-moe: write each layer's experts fused, as transformers 5 holds them in "
+                           "memory (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]), instead of "
+                           "one tensor per expert as save_pretrained writes them")
     tiny.set_defaults(run=_make_tiny_model)
 
     profile = commands.add_parser("profile", help="measure every layout's prefill and decode cost and every "
@@ -363,7 +367,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     from remp.testing.tiny_model import make_tiny_model
 
     try:
-        out = make_tiny_model(args.dir, variant=args.variant, seed=args.seed)
+        out = make_tiny_model(args.dir, variant=args.variant, seed=args.seed, fused_experts=args.fused_experts)
     except ValueError as exc:
         return _fail(exc)
     print(out)

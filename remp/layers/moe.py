@@ -30,19 +30,32 @@ from torch import nn
 from remp.config import ModelConfig
 from remp.parallel.context import ParallelContext
 from remp.topology import split_range
-from remp.weights.loader import sharded_parameter
+from remp.weights.loader import CheckpointSlice, placeholder, sharded_parameter
 
 
 class ExpertMLP(nn.Module):
-    """One expert's SwiGLU MLP, cut to intermediate features `rows`. `names`: the checkpoint's
-    names for its gate, up and down projections (Mixtral: w1, w3, w2)."""
+    """One expert's SwiGLU MLP, cut to intermediate features `rows`.
+
+    A checkpoint stores it in one of two layouts, told apart by the names it has: per expert,
+    `{prefix}.{gate|up|down}.weight` with `names` the checkpoint's names for the three projections
+    (Mixtral: w1, w3, w2), or fused as transformers 5 holds experts in memory, where `prefix` is
+    `{experts}.{e}` and expert e is index e of `{experts}.gate_up_proj` [E, 2I, H] (gate rows, then
+    up rows) and of `{experts}.down_proj` [E, H, I]. Either way the weights are views of it."""
 
     def __init__(self, hidden_size: int, rows: range, prefix: str, names: tuple[str, str, str]):
         super().__init__()
         gate, up, down = names
-        self.gate_weight = sharded_parameter((len(rows), hidden_size), f"{prefix}.{gate}.weight", rows=rows)
-        self.up_weight = sharded_parameter((len(rows), hidden_size), f"{prefix}.{up}.weight", rows=rows)
-        self.down_weight = sharded_parameter((hidden_size, len(rows)), f"{prefix}.{down}.weight", cols=rows)
+        experts, _, e = prefix.rpartition(".")
+        fused_gate_up, fused_down = f"{experts}.gate_up_proj", f"{experts}.down_proj"
+        self.gate_weight = placeholder((len(rows), hidden_size), CheckpointSlice(
+            (f"{prefix}.{gate}.weight",), rows=rows,
+            otherwise=CheckpointSlice((fused_gate_up,), rows=rows, expert=int(e), half=0)))
+        self.up_weight = placeholder((len(rows), hidden_size), CheckpointSlice(
+            (f"{prefix}.{up}.weight",), rows=rows,
+            otherwise=CheckpointSlice((fused_gate_up,), rows=rows, expert=int(e), half=1)))
+        self.down_weight = placeholder((hidden_size, len(rows)), CheckpointSlice(
+            (f"{prefix}.{down}.weight",), cols=rows,
+            otherwise=CheckpointSlice((fused_down,), cols=rows, expert=int(e))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.gate_weight)) * F.linear(x, self.up_weight), self.down_weight)

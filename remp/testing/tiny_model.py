@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 VARIANTS = ("gqa", "mha", "qwen2", "qwen3", "mistral", "mixtral", "qwen3-moe")
+MOE_VARIANTS = ("mixtral", "qwen3-moe")
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]
@@ -84,6 +86,7 @@ def make_tiny_model(
     variant: str = "gqa",
     seed: int = 0,
     max_shard_size: str | None = None,
+    fused_experts: bool = False,
 ) -> Path:
     """Write a tiny random-weight HF checkpoint of ``variant`` into ``out_dir``.
 
@@ -95,10 +98,17 @@ def make_tiny_model(
     or "qwen3-moe" (Qwen3-MoE: as qwen3, 8 experts of width 48, top-2 renormalised,
     layer 1 dense).  With ``max_shard_size`` (e.g. "200KB") the weights are split
     into several safetensors files plus an index, to exercise sharded loading.
-    Returns the directory.
+    With ``fused_experts`` (mixture-of-experts variants only) the weights are the
+    model's state_dict as transformers 5 holds it in memory, each layer's experts
+    fused into ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``
+    [E, H, I] (``save_pretrained`` writes one tensor per expert); the same seed
+    gives the same values in either layout.  Returns the directory.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny model variant {variant!r}; expected one of {VARIANTS}")
+    if fused_experts and variant not in MOE_VARIANTS:
+        raise ValueError(f"fused experts need a mixture-of-experts variant ({', '.join(MOE_VARIANTS)}), "
+                         f"not {variant!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()
@@ -115,6 +125,10 @@ def make_tiny_model(
     )
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, safe_serialization=True, **save_kwargs)
+    if fused_experts:
+        # save_pretrained converts the experts back to one tensor each; this writes them as they
+        # are in memory, in place of its safetensors files (which this removes first).
+        save_torch_state_dict(model.state_dict(), out, metadata={"format": "pt"}, **save_kwargs)
     tokenizer.save_pretrained(out)
     return out
 

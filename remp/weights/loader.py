@@ -5,11 +5,15 @@ come from: a `CheckpointSlice` (a tensor of the checkpoint, and the rows or colu
 owns, worked out by the layer from its `Topology` coordinates). `load_weights` then puts the
 slice in the placeholder's place — a view of the memory-mapped file where the dtypes agree
 (remp.weights.store), so building a rank's model for any layout copies nothing on the CPU.
+
+A parameter may be stored in more than one checkpoint layout: a mixture-of-experts expert is a
+tensor of its own in one and a slice of a fused [experts, ...] tensor in the other. Its slice
+then names the other layout's slice as `otherwise`, and the names the checkpoint has decide.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,29 +25,75 @@ from remp.weights.store import WeightStore
 @dataclass(frozen=True)
 class CheckpointSlice:
     """Where one parameter comes from: the first of `names` the checkpoint has (an LM head
-    falls back to the tied embedding), cut to `rows` or to `cols` (None: whole)."""
+    falls back to the tied embedding), cut to `rows` or to `cols` (None: whole).
+
+    A fused experts tensor [E, ...] is first indexed at `expert`, then, with `half` (0 or 1),
+    cut to the first or second half of that expert's rows (transformers' `gate_up_proj` holds
+    an expert's gate rows, then its up rows), and then to `rows` or `cols`. Where the checkpoint
+    has none of `names`, the parameter is `otherwise` (the same values in another layout)."""
 
     names: tuple[str, ...]
     rows: range | None = None
     cols: range | None = None
+    expert: int | None = None
+    half: int | None = None
+    otherwise: CheckpointSlice | None = None
+
+    def found_in(self, store: WeightStore) -> tuple[CheckpointSlice, str]:
+        """The slice (this one, or one it falls back to) whose tensor the checkpoint has, and
+        that tensor's name."""
+        slice_: CheckpointSlice | None = self
+        while slice_ is not None:
+            name = next((n for n in slice_.names if n in store), None)
+            if name is not None:
+                return slice_, name
+            slice_ = slice_.otherwise
+        raise ModelError(f"the checkpoint has no tensor {' or '.join(map(repr, self.all_names()))}")
+
+    def all_names(self) -> tuple[str, ...]:
+        return self.names + (self.otherwise.all_names() if self.otherwise is not None else ())
+
+    def also_named(self, old: str, new: str) -> CheckpointSlice:
+        """This slice, found also under its names (and those of its fallbacks) with `old`
+        replaced by `new`."""
+        names = self.names + tuple(n.replace(old, new) for n in self.names if old in n)
+        otherwise = self.otherwise.also_named(old, new) if self.otherwise is not None else None
+        return replace(self, names=names, otherwise=otherwise)
 
     def take(self, store: WeightStore) -> torch.Tensor:
-        name = next((n for n in self.names if n in store), None)
-        if name is None:
-            raise ModelError(f"the checkpoint has no tensor {' or '.join(map(repr, self.names))}")
-        if self.rows is not None:
-            return store.rows(name, self.rows)
-        if self.cols is not None:
-            return store.cols(name, self.cols)
-        return store.full(name)
+        source, name = self.found_in(store)
+        if source.expert is None:
+            if source.rows is not None:
+                return store.rows(name, source.rows)
+            if source.cols is not None:
+                return store.cols(name, source.cols)
+            return store.full(name)
+        part = store.expert(name, source.expert, source.half)
+        if source.rows is not None:
+            return part[source.rows.start:source.rows.stop]
+        if source.cols is not None:
+            return part[:, source.cols.start:source.cols.stop]
+        return part
 
 
 def sharded_parameter(shape: tuple[int, ...], *names: str, rows: range | None = None,
                       cols: range | None = None) -> nn.Parameter:
     """A placeholder of `shape` (nothing allocated) that `load_weights` fills from `names`."""
+    return placeholder(shape, CheckpointSlice(tuple(names), rows, cols))
+
+
+def placeholder(shape: tuple[int, ...], source: CheckpointSlice) -> nn.Parameter:
+    """A placeholder of `shape` (nothing allocated) that `load_weights` fills from `source`."""
     param = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
-    param.source = CheckpointSlice(tuple(names), rows, cols)
+    param.source = source
     return param
+
+
+def also_named(module: nn.Module, old: str, new: str) -> None:
+    """Let every placeholder of `module` be found with `old` replaced by `new` in its checkpoint
+    names too (a family whose tensors transformers renames in memory)."""
+    for param in module.parameters():
+        param.source = param.source.also_named(old, new)
 
 
 def load_weights(model: nn.Module, store: WeightStore, dtype: torch.dtype, device: torch.device,
@@ -64,7 +114,7 @@ def load_weights(model: nn.Module, store: WeightStore, dtype: torch.dtype, devic
                 continue
             value = source.take(store)
             if tuple(value.shape) != tuple(param.shape):
-                raise ModelError(f"checkpoint tensor {source.names[0]!r} gives {name} the shape "
+                raise ModelError(f"checkpoint tensor {source.found_in(store)[1]!r} gives {name} the shape "
                                  f"{tuple(value.shape)}, expected {tuple(param.shape)}")
             loaded = nn.Parameter(value.to(dtype=dtype, device=device), requires_grad=False)
             loaded.source = source

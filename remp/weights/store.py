@@ -3,7 +3,7 @@
 Safetensors files are memory-mapped (private, copy-on-write: nothing can write back), and a
 shard is a set of *views* into that mapping: the rows of q/k/v/gate/up and the embedding that a
 tensor rank owns are contiguous, the columns of o/down are strided views that BLAS reads in
-place. Every worker on a host therefore shares the same page-cache pages, the checkpoint sits
+place, and an expert of a fused experts tensor ([E, ...]) is a view of its index. Every worker on a host therefore shares the same page-cache pages, the checkpoint sits
 in host memory once however many workers map it, and building the shard for a new
 (topology, rank) costs no copy, no file read and no other worker (remp.weights.loader puts
 the views in a model's parameters). Copies happen only where a view cannot serve: vocabulary
@@ -108,3 +108,12 @@ class WeightStore:
 
     def full(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def expert(self, name: str, index: int, half: int | None = None) -> torch.Tensor:
+        """Expert `index` of a fused experts tensor [E, ...]; with `half` (0 or 1), the first or
+        second half of its rows. A view, like the rest."""
+        part = self._tensors[name][index]
+        if half is None:
+            return part
+        n = part.shape[0] // 2
+        return part[half * n:(half + 1) * n]
