@@ -55,3 +55,82 @@ def test_examples(cfg):
     assert layer0 == [(0, 0, 0), (0, 1, 0), (1, 2, 0), (1, 3, 0)]
     per_head = 3 * 2 * 16 * 8 * 4  # blocks * (k, v) * block_size * head_dim * bytes
     assert bytes_moved(plan, num_blocks=3, block_size=16, head_dim=8, dtype_bytes=4) == 4 * 3 * per_head
+
+
+# Data parallelism: each group holds its own requests' KV; a switch places requests and their blocks.
+
+def test_requests_keep_their_group_and_blocks_when_dp_does_not_change():
+    from remp.kv.placement import BlockSpace, RequestKV, place_requests
+
+    reqs = [RequestKV(0, "a", 0, (0, 1), 2, (1, 1)), RequestKV(1, "b", 1, (16, 17, 18), 2, (1, 1, 1))]
+    p = place_requests(reqs, BlockSpace(16), BlockSpace(16), 2, 2)
+    assert p.groups == {0: 0, 1: 1} and p.renumber == {0: 0, 1: 1, 16: 16, 17: 17, 18: 18} and not p.overflow
+
+
+def test_a_smaller_pool_keeps_the_ids_that_fit_and_leaves_out_the_newest_that_do_not():
+    from remp.kv.placement import BlockSpace, RequestKV, place_requests
+
+    reqs = [RequestKV(0, "a", 0, (5, 1), 1, (1, 1)), RequestKV(1, "b", 0, (0, 2), 1, (1, 1)),
+            RequestKV(2, "c", 0, (3, 4), 1, (1, 1))]
+    p = place_requests(reqs, BlockSpace(8), BlockSpace(4), 1, 1)
+    # ids below 4 stay put before any block is given a new id; c no longer fits
+    assert p.groups == {0: 0, 1: 0} and p.overflow == [2]
+    assert p.renumber == {1: 1, 0: 0, 2: 2, 5: 3}
+
+
+def test_more_groups_spread_whole_requests_and_fewer_gather_them():
+    from remp.kv.placement import BlockSpace, RequestKV, place_requests
+
+    reqs = [RequestKV(k, f"r{k}", 0, tuple(range(3 * k, 3 * k + 3)), 2, (1, 1, 1)) for k in range(4)]
+    spread = place_requests(reqs, BlockSpace(32), BlockSpace(32), 1, 2)
+    assert spread.groups == {0: 0, 1: 1, 2: 0, 3: 1}
+    assert [spread.renumber[b] for b in reqs[1].blocks] == [32, 33, 34]  # lowest free ids of group 1
+    assert [spread.renumber[b] for b in reqs[2].blocks] == [6, 7, 8]  # kept: same group, free
+    moved = [RequestKV(k, r.request_id, spread.groups[k], tuple(spread.renumber[b] for b in r.blocks), 2, (1, 1, 1))
+             for k, r in enumerate(reqs)]
+    back = place_requests(moved, BlockSpace(32), BlockSpace(16), 2, 1)
+    assert back.groups == {0: 0, 1: 0, 2: 0, 3: 0} and sorted(back.renumber.values()) == list(range(12))
+
+
+def test_the_pause_keeps_the_places_the_precopy_used():
+    from remp.kv.placement import BlockSpace, RequestKV, place_requests
+
+    reqs = [RequestKV(0, "a", 0, (0, 1), 1, (1, 1)), RequestKV(1, "b", 0, (2,), 0, (1,))]
+    plan = place_requests(reqs, BlockSpace(8), BlockSpace(8), 1, 2)
+    later = [*reqs[:1], RequestKV(1, "b", 0, (2, 3), 1, (1, 1)), RequestKV(2, "c", 0, (4,), 0, (1,))]
+    final = place_requests(later, BlockSpace(8), BlockSpace(8), 1, 2, keep=plan,
+                           reserved={b: plan.renumber[b] for b in (0, 1, 2)})
+    assert final.groups[0] == plan.groups[0] and final.groups[1] == plan.groups[1]
+    assert all(final.renumber[b] == plan.renumber[b] for b in (0, 1, 2))
+    assert len(set(final.renumber.values())) == len(final.renumber)  # no two blocks share a place
+
+
+def test_kv_moves_go_between_the_groups_the_requests_leave_and_join(cfg):
+    from remp.kv.migration import kv_moves
+    from remp.kv.placement import BlockSpace, RequestKV, place_requests
+
+    old, new = Topology(2, 1), Topology(1, 1, dp=2)  # tp2 -> two single-rank groups
+    reqs = [RequestKV(0, "a", 0, (0, 1), 2, (1, 1)), RequestKV(1, "b", 0, (2,), 1, (1,))]
+    placement = place_requests(reqs, BlockSpace(16), BlockSpace(16), 1, 2)
+    moves = kv_moves(cfg, old, new, reqs, placement, {0, 1, 2}, BlockSpace(16), BlockSpace(16))
+    assert [(m.src_dp, m.dst_dp, m.src_blocks, m.dst_blocks) for m in moves] == [(0, 0, [0, 1], [0, 1]),
+                                                                                 (0, 1, [2], [0])]
+    # group 1 is rank 1 alone: it gets every head of every layer, half of them from rank 0
+    to_group1 = moves[1].transfers
+    assert {t.dst_rank for t in to_group1} == {1} and {t.src_rank for t in to_group1} == {0, 1}
+    assert sum(t.num_heads for t in to_group1) == cfg.num_layers * cfg.num_kv_heads
+
+
+@pytest.mark.parametrize("old,new", [(Topology(2, 1), Topology(1, 1, dp=2)), (Topology(1, 2, dp=2), Topology(4, 1)),
+                                     (Topology(1, 1, dp=4), Topology(2, 1, dp=2))], ids=str)
+def test_plan_between_groups_covers_the_target_group_from_the_source_group(cfg, old, new):
+    for src_dp in range(old.dp):
+        for dst_dp in range(new.dp):
+            plan = plan_kv_migration(cfg, old, new, src_dp, dst_dp)
+            assert all(old.coords(t.src_rank).dp_rank == src_dp and new.coords(t.dst_rank).dp_rank == dst_dp
+                       for t in plan)
+            covered = {(t.layer, t.dst_rank, t.dst_head + i) for t in plan for i in range(t.num_heads)}
+            wanted = {(layer, new.rank(new.stage_of(layer, cfg.num_layers), tp, dst_dp), h - new.kv_heads_of(
+                tp, cfg.num_kv_heads).start) for layer in range(cfg.num_layers) for tp in range(new.tp)
+                for h in new.kv_heads_of(tp, cfg.num_kv_heads)}
+            assert covered == wanted

@@ -1,8 +1,9 @@
 """Mixture-of-experts models (Mixtral, Qwen3-MoE), their experts tensor-parallel (cut over their
-width) or expert-parallel (whole, spread over the tensor group): transformers-exact greedy tokens
-and log-probabilities on every layout of a pool of 4, tokens kept across a live tour that switches
-TP <-> EP and EP 2 -> 4 -> 2, and the experts' block against transformers' own on a router that
-sends every token to the same expert."""
+width) or expert-parallel (whole, spread over a stage's dp * tp ranks), with data-parallel
+attention or without: transformers-exact greedy tokens and log-probabilities on every layout of a
+pool of 4, tokens kept across a live tour of every ordered pair of layouts (TP <-> EP, EP 2 -> 4 ->
+2 with standbys, tp2 <-> dp2, ...), and the experts' block against transformers' own on a router
+that sends every token to the same expert."""
 from __future__ import annotations
 
 import pytest
@@ -39,10 +40,10 @@ def generate(engine: LLMEngine, tag: str, switch_to: list[Topology] = ()) -> lis
 def test_every_layout_of_the_pool_matches_transformers(family):
     path, engine, reference = family
     layouts = valid_layouts(ModelConfig.from_pretrained(path), POOL)
-    assert {(t.tp, t.pp, t.ep) for t in layouts} >= {(1, 1, False), (2, 1, False), (4, 1, False), (1, 2, False),
-                                                      (2, 2, False), (1, 4, False), (2, 1, True), (4, 1, True),
-                                                      (2, 2, True)}
-    for layout in layouts:
+    assert set(map(str, layouts)) >= {"tp1pp1", "tp2pp1", "tp4pp1", "tp1pp2", "tp2pp2", "tp1pp4", "tp2pp1ep",
+                                      "tp4pp1ep", "tp2pp2ep", "dp2tp1pp1", "dp2tp1pp1ep", "dp2tp2pp1ep",
+                                      "dp2tp1pp2ep", "dp4tp1pp1", "dp4tp1pp1ep"}
+    for layout in [*layouts, Topology(2, 1, ep=True, dp=2, placement="round_robin")]:
         engine.reconfigure(layout, lambda outs: None)
         for out, (tokens, logits) in zip(generate(engine, f"{layout}-"), reference):
             assert out.token_ids == tokens, layout
@@ -53,12 +54,41 @@ def test_every_layout_of_the_pool_matches_transformers(family):
 
 def test_requests_keep_their_tokens_across_a_live_tour(family):
     _, engine, reference = family
-    engine.reconfigure(Topology(1, 1), lambda outs: None)
-    # TP -> EP with attention unchanged, EP 2 -> 4 -> 2 (standbys join and leave), EP -> TP, PP
-    tour = [Topology(2, 1), Topology(2, 1, ep=True), Topology(4, 1, ep=True), Topology(2, 1, ep=True),
-            Topology(2, 2, ep=True), Topology(2, 2), Topology(1, 1)]
+    engine.reconfigure(Topology(2, 1), lambda outs: None)
+    # TP -> EP with attention unchanged, EP 2 -> 4 -> 2 (standbys join and leave), tp2 -> dp2 (whole
+    # requests move to the group that serves them next), EP over dp x tp, EP -> TP, PP
+    tour = [Topology(2, 1, ep=True), Topology(4, 1, ep=True), Topology(2, 1, ep=True), Topology(1, 1, ep=True, dp=2),
+            Topology(2, 1, ep=True, dp=2), Topology(2, 2, ep=True), Topology(2, 2), Topology(1, 1)]
     outs = generate(engine, "tour-", switch_to=tour)
     assert [o.token_ids for o in outs] == [tokens for tokens, _ in reference]
+
+
+@pytest.mark.slow
+def test_every_ordered_pair_of_layouts_switches_live_with_requests_mid_generation(tiny_mixtral):
+    """The whole switch matrix of tiny Mixtral on a pool of 4 (19 layouts with dp, 342 ordered
+    pairs), walked as one Eulerian tour in one engine: a batch of requests runs through each
+    stretch of 8 switches, a switch every step, and every batch's tokens equal transformers'."""
+    from remp.reconfig.tour import switch_tour
+
+    layouts = valid_layouts(ModelConfig.from_pretrained(tiny_mixtral), POOL)
+    tour = switch_tour(layouts)
+    assert len(tour) - 1 == len(layouts) * (len(layouts) - 1)
+    max_tokens = 16
+    reference = [tokens for tokens, _ in transformers_greedy(tiny_mixtral, PROMPTS, max_tokens)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine = LLMEngine(EngineConfig(dtype="float32", model=tiny_mixtral, worker_pool_size=POOL, max_model_len=128,
+                                    block_size=4, tensor_parallel_size=tour[0].tp, pipeline_parallel_size=tour[0].pp,
+                                    data_parallel_size=tour[0].dp, enable_expert_parallel=tour[0].ep))
+    try:
+        rest, n = tour[1:], 0
+        while rest:
+            stretch, rest = rest[:8], rest[8:]
+            outs, results = helpers.generate(engine, PROMPTS, params, f"pair{n}-", stretch, start=2, every=1)
+            assert [o.token_ids for o in outs] == reference, stretch
+            n += 1
+        assert engine.topology == tour[-1] and engine.stats().num_worker_replacements == 0
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.parametrize("variant", ["tiny_mixtral", "tiny_qwen3_moe"])
@@ -131,32 +161,38 @@ def test_the_server_switches_tp_and_ep_and_reports_it(tiny_mixtral, tmp_path):
 
         assert topology()["enable_expert_parallel"] is True
         before = ask()
-        for ep in (False, True):
+        for ep, dp in ((False, 1), (True, 1), (True, 2)):
             r = httpx.post(f"{url}/v1/admin/reconfigure", timeout=300, json={
-                "tensor_parallel_size": 2, "pipeline_parallel_size": 1, "enable_expert_parallel": ep})
+                "tensor_parallel_size": 2 // dp, "pipeline_parallel_size": 1, "enable_expert_parallel": ep,
+                "data_parallel_size": dp})
             assert r.status_code == 200 and r.json()["outcome"] == "committed", r.text
             assert r.json()["target"]["enable_expert_parallel"] is ep and topology()["enable_expert_parallel"] is ep
+            assert topology()["data_parallel_size"] == dp
             assert ask() == before
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank,action", [(1, "kill"), (0, "hang")])
-def test_a_worker_lost_in_a_tp_to_ep_switch_rolls_back_and_is_replaced(tiny_mixtral, monkeypatch, rank, action):
-    """A serving rank killed, or stopped, while it prepares the expert-parallel target: the switch
-    rolls back, the rank is replaced, and no request fails or changes; then the switch commits."""
+@pytest.mark.parametrize("phase,rank,action,target", [("prepare", 1, "kill", Topology(2, 1, ep=True)),
+                                                      ("prepare", 0, "hang", Topology(2, 1, ep=True)),
+                                                      ("migrate", 1, "kill", Topology(1, 1, ep=True, dp=2))],
+                         ids=["tp-ep-prepare-kill", "tp-ep-prepare-hang", "tp-dp-migrate-kill"])
+def test_a_worker_lost_in_a_switch_rolls_back_and_is_replaced(tiny_mixtral, monkeypatch, phase, rank, action, target):
+    """A serving rank killed, or stopped, while it prepares the expert-parallel target, or while it
+    moves KV towards data-parallel groups: the switch rolls back, the rank is replaced, and no
+    request fails or changes; then the switch commits."""
     from remp.executor.messages import FAULT_ENV
 
     reference = [tokens for tokens, _ in transformers_greedy(tiny_mixtral, PROMPTS, MAX_TOKENS)]
-    monkeypatch.setenv(FAULT_ENV, f"prepare:{rank}:{action}")
+    monkeypatch.setenv(FAULT_ENV, f"{phase}:{rank}:{action}")
     engine = LLMEngine(EngineConfig(dtype="float32", model=tiny_mixtral, tensor_parallel_size=2, worker_pool_size=4,
                                     max_model_len=128, block_size=4, worker_hang_timeout_s=4.0))
     try:
         for attempt, outcome in (("a", "rolled_back"), ("b", "committed")):
-            tokens, result = helpers.run_batch(engine, PROMPTS, GREEDY, attempt, Topology(2, 1, ep=True))
+            tokens, result = helpers.run_batch(engine, PROMPTS, GREEDY, attempt, target)
             assert result.outcome == outcome, result.reason
             assert tokens == reference
             if outcome == "rolled_back":
                 assert result.replaced_ranks == [rank] and engine.topology == Topology(2, 1)
-        assert engine.topology == Topology(2, 1, ep=True) and engine.stats().num_worker_replacements == 1
+        assert engine.topology == target and engine.stats().num_worker_replacements == 1
     finally:
         engine.shutdown()

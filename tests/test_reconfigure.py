@@ -18,11 +18,14 @@ from remp.engine.sampling import SamplingParams
 from remp.config import ModelConfig
 from remp.executor.local import LocalExecutor, WorkerReportedError
 from remp.kv.migration import plan_kv_migration, to_rows
-from remp.executor.messages import FAULT_ENV, SeqWork, StepCommand
+from remp.executor.messages import FAULT_ENV, KVMoveRows, SeqWork, StepCommand
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, TopologyError
 
-LAYOUTS = [Topology(1, 1), Topology(2, 1), Topology(1, 2), Topology(2, 2), Topology(4, 1), Topology(1, 4)]
+# dense layouts, two of them data-parallel (replicas inside the server): whole requests move between
+# groups when dp changes, and their KV bytes arrive intact
+LAYOUTS = [Topology(1, 1), Topology(2, 1), Topology(1, 2), Topology(2, 2), Topology(4, 1), Topology(1, 4),
+           Topology(1, 1, dp=2), Topology(1, 2, dp=2)]
 PROMPTS = [[5, 17, 99, 3, 42], list(range(30, 71)), [400, 2, 250, 7, 7, 7, 19, 11, 12, 13, 14, 15, 16, 17, 18]]
 MAX_TOKENS = 12
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
@@ -44,9 +47,7 @@ def engine(tiny_gqa):
 
 def full_blocks(engine: LLMEngine) -> dict[str, int]:
     """Blocks whose every slot is written (paged KV is append-only: they cannot change)."""
-    bs = engine.config.block_size
-    return {f"{seq.request_id}/{i}": b for seq in engine.scheduler.running
-            for i, b in enumerate(seq.block_ids[:seq.num_computed // bs])}
+    return {f"{r.request_id}/{i}": b for r in engine.running_kv() for i, b in enumerate(r.blocks[:r.full])}
 
 
 def start_prompts(engine: LLMEngine, tag: str, steps: int = 3) -> tuple[dict, Callable[[list], None]]:
@@ -261,7 +262,7 @@ def test_a_commit_behind_a_step_in_flight_waits_until_the_next_stage_takes_its_h
         try:
             executor.submit([StepCommand(1, [SeqWork(seq_id=0, token_ids=PROMPTS[0], start=0, block_table=[0, 1],
                                                     temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)])])
-            executor.start_commit(1, wire, [0, 1], [0, 1])
+            executor.start_commit(1, [KVMoveRows(wire, [0, 1], [0, 1])])
             time.sleep(1)  # stage 0 has run the step and is in the commit
         finally:
             os.kill(stage1, signal.SIGCONT)
@@ -287,15 +288,15 @@ def test_the_pause_uses_the_buffers_the_precopy_set_aside(tiny_gqa, room):
         executor.submit([StepCommand(1, [SeqWork(seq_id=0, token_ids=prompt, start=0, block_table=blocks,
                                                 temperature=0.0, top_p=1.0, top_k=0, seed=0, out_pos=0)])])
         executor.next_result(timeout_s=30)
-        before = executor.kv_digests(blocks)[0]
+        before = executor.kv_digests([blocks])[0]
         executor.prepare(target, num_blocks=16, block_size=4)
         wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
-        executor.precopy(wire, blocks[:8], filling=blocks[8:], pause_blocks=room)
+        executor.precopy([KVMoveRows(wire, blocks[:8], blocks[:8])], filling=[blocks[8:]], pause_blocks=[room])
         executor.answers("prepared", timeout_s=30)
         executor.answers("precopied", timeout_s=30)
-        executor.start_commit(1, wire, blocks[8:], blocks[8:])
+        executor.start_commit(1, [KVMoveRows(wire, blocks[8:], blocks[8:])])
         allocated = sum(answer.allocated_bytes for answer in executor.finish_commit(target, timeout_s=30).values())
-        after = executor.kv_digests(blocks)
+        after = executor.kv_digests([blocks])
     finally:
         executor.shutdown()
     assert {**after[0], **after[1]} == before
@@ -347,7 +348,7 @@ def test_a_commit_that_fails_on_one_rank_is_undone_on_the_others(tiny_gqa, refer
         executor.answers("prepared", timeout_s=30)
         wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
         with pytest.raises(WorkerReportedError, match="worker 1 failed"):
-            executor.start_commit(1, wire, [0, 1], [0, 99])
+            executor.start_commit(1, [KVMoveRows(wire, [0, 1], [0, 99])])
             executor.finish_commit(target, 30)
         executor.abort(timeout_s=30)
         second = decode_step(executor, 2, first, len(PROMPTS[0]), 1)
@@ -371,7 +372,7 @@ def test_a_lost_peer_retires_the_switch_so_its_background_failures_are_dropped(t
         executor.prepare(target, num_blocks=8, block_size=4)
         executor.answers("prepared", timeout_s=30)
         wire = to_rows(plan_kv_migration(ModelConfig.from_pretrained(tiny_gqa), source, target))
-        executor.precopy(wire, [0])
+        executor.precopy([KVMoveRows(wire, [0], [0])], [[]], [0])
         executor.procs[1].wait(timeout=30)
         time.sleep(2)  # rank 0's report of its failed pre-copy is on its way, or in
         executor.kill([1])
