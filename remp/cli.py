@@ -88,23 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--variant", "--arch", default="gqa",
-                      choices=("gqa", "mha", "qwen2", "qwen3", "mistral", "mixtral", "qwen3-moe"),
+                      choices=("gqa", "mha", "qwen2", "qwen3", "mistral", "mixtral", "qwen3-moe", "qwen2-moe"),
                       help="gqa (Llama, 8 query / 2 KV heads, default), mha (Llama, 4 / 4), qwen2 (4 / 2, qkv bias), "
                            "qwen3 (4 / 2, q/k norms, head_dim 32), mistral (8 / 2), mixtral (8 / 2, 8 experts, "
-                           "top-2) or qwen3-moe (as qwen3, 8 experts, top-2, layer 1 dense)")
+                           "top-2), qwen3-moe (as qwen3, 8 experts, top-2, layer 1 dense) or qwen2-moe (qkv "
+                           "bias, 8 experts, top-2, a gated shared expert, layer 2 dense)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--fused-experts", action="store_true",
-                      help="mixtral, qwen3-moe: write each layer's experts fused, as transformers 5 holds them in "
+                      help="mixtral, qwen3-moe, qwen2-moe: write each layer's experts fused, as transformers 5 holds them in "
                            "memory (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]), instead of "
                            "one tensor per expert as save_pretrained writes them")
+    tiny.add_argument("--hidden-size", type=int, help="replace the variant's hidden size (64); a multiple of its "
+                      "attention heads")
+    tiny.add_argument("--num-layers", type=int, help="replace the variant's 4 layers")
+    tiny.add_argument("--intermediate-size", type=int, help="replace the variant's MLP width: each expert's for "
+                      "mixtral (96), qwen3-moe and qwen2-moe (48; qwen3-moe's dense layer's too), else 128")
+    tiny.add_argument("--num-experts", type=int, help="mixtral, qwen3-moe, qwen2-moe: replace the 8 experts (top-2 "
+                      "stays)")
     tiny.set_defaults(run=_make_tiny_model)
 
     profile = commands.add_parser("profile", help="measure every layout's prefill and decode cost and every "
                                   "switch on this machine into a JSON profile")
     _add_engine_arguments(profile)
     profile.add_argument("--output", "-o", help="where to write the profile (default: MODEL/remp_profile.json)")
-    profile.add_argument("--layouts", help="comma-separated tpXppY, the first is started (default: every layout "
-                         "valid on --worker-pool-size)")
+    profile.add_argument("--layouts", help="comma-separated layouts ([dpZ]tpXppY[ep]), the first is started "
+                         "(default: every layout valid on --worker-pool-size)")
     profile.add_argument("--batch-sizes", type=_int_list, help="decode batch sizes (default 1,4,16,32; clipped to "
                          "--max-num-seqs and the KV cache)")
     profile.add_argument("--context-lens", type=_int_list, help="decode context lengths (default 64,256; clipped "
@@ -367,7 +375,9 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     from remp.testing.tiny_model import make_tiny_model
 
     try:
-        out = make_tiny_model(args.dir, variant=args.variant, seed=args.seed, fused_experts=args.fused_experts)
+        out = make_tiny_model(args.dir, variant=args.variant, seed=args.seed, fused_experts=args.fused_experts,
+                              hidden_size=args.hidden_size, num_layers=args.num_layers,
+                              intermediate_size=args.intermediate_size, num_experts=args.num_experts)
     except ValueError as exc:
         return _fail(exc)
     print(out)

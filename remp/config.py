@@ -35,6 +35,7 @@ class MoEConfig:
     renormalize: bool  # the top-k routing weights are divided by their sum
     scores_in_float: bool  # the routing weights stay float32 (Mixtral); else cast to the hidden dtype (Qwen3-MoE)
     sparse_layers: tuple[int, ...]  # layers whose MLP is the experts (the others are dense)
+    shared_expert_size: int = 0  # intermediate size of an expert every token also runs, gated (Qwen2-MoE); 0: none
 
     @classmethod
     def from_hf(cls, arch: str, hf, num_layers: int) -> "MoEConfig | None":
@@ -42,20 +43,21 @@ class MoEConfig:
             return cls(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                        intermediate_size=hf.intermediate_size, renormalize=True, scores_in_float=True,
                        sparse_layers=tuple(range(num_layers)))
-        if arch == "Qwen3MoeForCausalLM":
+        if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
             dense = set(getattr(hf, "mlp_only_layers", None) or ())
             step = getattr(hf, "decoder_sparse_step", 1) or 1
             layers = tuple(i for i in range(num_layers)
                            if i not in dense and hf.num_experts > 0 and (i + 1) % step == 0)
+            shared = getattr(hf, "shared_expert_intermediate_size", 0) if arch == "Qwen2MoeForCausalLM" else 0
             return cls(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                        intermediate_size=hf.moe_intermediate_size, renormalize=bool(hf.norm_topk_prob),
-                       scores_in_float=False, sparse_layers=layers)
+                       scores_in_float=False, sparse_layers=layers, shared_expert_size=shared or 0)
         return None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral and Qwen3-MoE with `moe`),
+    """The shape of a decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral, Qwen2-MoE and Qwen3-MoE with `moe`),
     as the engine needs it."""
 
     path: str
@@ -107,8 +109,10 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama/Mistral only when attention_bias is set.
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
+            # Qwen2 always has q/k/v biases, Qwen2-MoE unless qkv_bias is off; Llama/Mistral only when
+            # attention_bias is set.
+            attention_bias=(arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM" and getattr(hf, "qkv_bias", True))
+                            or bool(getattr(hf, "attention_bias", False))),
             max_position_embeddings=hf.max_position_embeddings,
             torch_dtype=str(dtype).replace("torch.", ""),
             eos_token_ids=eos_ids,

@@ -37,3 +37,10 @@ def tiny_mixtral(tmp_path_factory) -> str:
 def tiny_qwen3_moe(tmp_path_factory) -> str:
     """Qwen3-MoE: as tiny_qwen3, 8 experts of width 48, top-2 renormalised, layer 1 dense."""
     return _tiny(tmp_path_factory, "qwen3-moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe(tmp_path_factory) -> str:
+    """Qwen2-MoE: q/k/v bias, 4 query / 2 KV heads, 8 experts of width 48, top-2 not renormalised,
+    a shared expert of width 64 with its sigmoid gate, layer 2 dense."""
+    return _tiny(tmp_path_factory, "qwen2-moe")

@@ -78,6 +78,13 @@ def expected_slices(store: WeightStore, cfg: ModelConfig, topo: Topology, rank: 
                 gate, up, down = (f"{p}{moe}.experts.{e}.{n}.weight" for n in names)
                 out[gate], out[up] = rows(gate, width), rows(up, width)
                 out[down] = store.full(down)[:, width.start:width.stop]
+            if cfg.moe.shared_expert_size:  # Qwen2-MoE: cut over the group's tensor ranks in every mode
+                s = cfg.moe.shared_expert_size
+                cut = range(t * s // topo.tp, (t + 1) * s // topo.tp)
+                for n in ("gate_proj", "up_proj", "down_proj"):
+                    name = f"{p}{moe}.shared_expert.{n}.weight"
+                    out[name] = store.full(name)[:, cut.start:cut.stop] if n == "down_proj" else rows(name, cut)
+                out[f"{p}{moe}.shared_expert_gate.weight"] = store.full(f"{p}{moe}.shared_expert_gate.weight")
             mlp_names = ()
         else:
             mlp_names = ("gate_proj", "up_proj", "down_proj")

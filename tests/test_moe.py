@@ -20,7 +20,7 @@ POOL = 4
 PROMPTS = [[5, 17, 99, 3, 42], list(range(30, 71)), [400, 2, 250, 7, 7, 7, 19]]
 MAX_TOKENS = 10
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=3)
-FAMILIES = ["tiny_mixtral", "tiny_qwen3_moe"]
+FAMILIES = ["tiny_mixtral", "tiny_qwen3_moe", "tiny_qwen2_moe"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -50,6 +50,16 @@ def test_every_layout_of_the_pool_matches_transformers(family):
             for step, ref in zip(out.logprobs, logits):
                 for token, logprob in step.items():
                     assert abs(logprob - float(ref[token])) < 1e-4, layout
+
+
+def test_experts_that_do_not_divide_over_the_ranks_are_refused_and_change_nothing(family):
+    from remp.topology import TopologyError
+
+    _, engine, _ = family
+    before = engine.topology
+    with pytest.raises(TopologyError, match="8 experts to divide evenly over them"):  # dp3: 3 ranks
+        engine.reconfigure(Topology(1, 1, ep=True, dp=3), lambda outs: None)
+    assert engine.topology == before
 
 
 def test_requests_keep_their_tokens_across_a_live_tour(family):
@@ -91,12 +101,14 @@ def test_every_ordered_pair_of_layouts_switches_live_with_requests_mid_generatio
         engine.shutdown()
 
 
-@pytest.mark.parametrize("variant", ["tiny_mixtral", "tiny_qwen3_moe"])
+@pytest.mark.parametrize("variant", FAMILIES)
 def test_a_router_that_sends_every_token_to_one_expert(request, variant):
     """Router weights that make expert 4 every token's first choice (positive inputs, one positive
-    router row): the experts' block equals transformers' own block with the same weights."""
+    router row): the experts' block equals transformers' own block with the same weights (Qwen2-MoE's
+    shared expert and its gate included)."""
     from transformers import AutoConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     from remp.layers.moe import SparseMoE
@@ -116,11 +128,24 @@ def test_a_router_that_sends_every_token_to_one_expert(request, variant):
     for e, expert in moe.experts.items():
         expert.gate_weight, expert.up_weight, expert.down_weight = (
             torch.nn.Parameter(w[int(e)]) for w in (w_gate, w_up, w_down))
-    block = (MixtralSparseMoeBlock if mixtral else Qwen3MoeSparseMoeBlock)(hf_cfg)
+    block = {"MixtralForCausalLM": MixtralSparseMoeBlock, "Qwen3MoeForCausalLM": Qwen3MoeSparseMoeBlock,
+             "Qwen2MoeForCausalLM": Qwen2MoeSparseMoeBlock}[cfg.architecture](hf_cfg)
     with torch.no_grad():
         block.gate.weight.copy_(router)
         block.experts.gate_up_proj.copy_(torch.cat([w_gate, w_up], dim=1))
         block.experts.down_proj.copy_(w_down)
+        if cfg.moe.shared_expert_size:
+            shared = moe.shared_expert
+            s_gate, s_up, s_down = (torch.randn(*shape, generator=gen) * 0.2 for shape in
+                                    ((cfg.moe.shared_expert_size, H), (cfg.moe.shared_expert_size, H),
+                                     (H, cfg.moe.shared_expert_size)))
+            gate_row = torch.randn(1, H, generator=gen)
+            shared.gate_weight, shared.up_weight, shared.down_weight = map(torch.nn.Parameter, (s_gate, s_up, s_down))
+            moe.shared_gate = torch.nn.Parameter(gate_row)
+            block.shared_expert.gate_proj.weight.copy_(s_gate)
+            block.shared_expert.up_proj.weight.copy_(s_up)
+            block.shared_expert.down_proj.weight.copy_(s_down)
+            block.shared_expert_gate.weight.copy_(gate_row)
     x = torch.rand(9, H, generator=gen)  # positive: expert 4's logit is the only positive one
     chosen, _ = moe.route(x)
     assert (chosen[:, 0] == 4).all()
@@ -169,6 +194,12 @@ def test_the_server_switches_tp_and_ep_and_reports_it(tiny_mixtral, tmp_path):
             assert r.json()["target"]["enable_expert_parallel"] is ep and topology()["enable_expert_parallel"] is ep
             assert topology()["data_parallel_size"] == dp
             assert ask() == before
+        now = topology()
+        r = httpx.post(f"{url}/v1/admin/reconfigure", timeout=300, json={  # a pool of 2
+            "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 3,
+            "enable_expert_parallel": True})
+        assert r.status_code == 400 and "3 workers needed but the pool has 2" in r.json()["error"]["message"]
+        assert topology() == now and ask() == before
 
 
 @pytest.mark.slow

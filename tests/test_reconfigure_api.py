@@ -137,18 +137,26 @@ def test_invalid_target_is_400_and_changes_nothing(server, tp, pp, reason):
     assert layout(server) == before
 
 
-def test_expert_parallelism_on_a_dense_model_is_400_and_changes_nothing(server):
+@pytest.mark.parametrize("extra,reason", [
+    ({"enable_expert_parallel": True}, "needs a mixture-of-experts model"),
+    ({"data_parallel_size": 4}, "dp*tp*pp = 8 workers needed but the pool has 4"),
+    ({"expert_placement_strategy": "round_robin"}, "set enable_expert_parallel too"),
+])
+def test_an_invalid_expert_or_data_parallel_target_is_400_and_changes_nothing(server, extra, reason):
     before = layout(server)
     r = httpx.post(f"{server}/v1/admin/reconfigure", headers=AUTH, timeout=300,
-                   json={"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "enable_expert_parallel": True})
-    assert r.status_code == 400 and "needs a mixture-of-experts model" in r.json()["error"]["message"]
+                   json={"tensor_parallel_size": 2, "pipeline_parallel_size": 1, **extra})
+    assert r.status_code == 400 and reason in r.json()["error"]["message"]
     assert layout(server) == before and before["enable_expert_parallel"] is False
 
 
 @pytest.mark.parametrize("body", [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 0, "pipeline_parallel_size": 1},
                                   {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "extra": 1},
                                   {"tensor_parallel_size": 2, "pipeline_parallel_size": 1,
-                                   "enable_expert_parallel": "yes"}])
+                                   "enable_expert_parallel": "yes"},
+                                  {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 0},
+                                  {"tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+                                   "expert_placement_strategy": "random"}])
 def test_malformed_reconfigure_is_400(server, body):
     r = httpx.post(f"{server}/v1/admin/reconfigure", headers=AUTH, json=body)
     assert r.status_code == 400 and "error" in r.json()

@@ -36,7 +36,7 @@ import httpx
 from remp.bench.host import host_info
 from remp.bench.server_process import ServerProcess
 from remp.config import ModelConfig
-from remp.topology import valid_layouts
+from remp.topology import Topology, valid_layouts
 
 MODEL_NAME = "chaos"
 SWITCH_TIMEOUT_S = 180.0  # a switch not answered by then is a wedge
@@ -249,7 +249,7 @@ def topology(client: httpx.Client, url: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     model = ModelConfig.from_pretrained(args.model)
-    layouts = [f"{t.tp}x{t.pp}" for t in valid_layouts(model, args.pool, data_parallel=False)]
+    layouts = [str(t) for t in valid_layouts(model, args.pool)]
     if len(layouts) < 2:
         raise SystemExit(f"error: {args.model} has fewer than two valid layouts on a pool of {args.pool}")
     server = ServerProcess(args.model, [
@@ -278,11 +278,11 @@ def run(args: argparse.Namespace) -> int:
     doubles = Counter()
     wedges: list[str] = []
     switch_s: list[float] = []  # how long the committed switches without a fault took
-    current = "{tensor_parallel_size}x{pipeline_parallel_size}".format(**topology(client, url))
+    current = str(Topology.from_dict(topology(client, url)))
     try:
         for n in range(args.switches):
             target = rng.choice([lay for lay in layouts if lay != current])
-            tp, pp = map(int, target.split("x"))
+            body = Topology.parse(target).as_dict()
             # Spread the faults evenly over the switches (the last ones may not get one).
             fault_here = len(faults) < args.faults and rng.random() < (args.faults - len(faults)) / (args.switches - n)
             double = rng.random() < args.double_share
@@ -293,11 +293,11 @@ def run(args: argparse.Namespace) -> int:
                 break
             reply: dict = {}
             second: dict = {}
-            asked = threading.Thread(target=_ask, args=(client, url, tp, pp, reply), daemon=True)
+            asked = threading.Thread(target=_ask, args=(client, url, body, reply), daemon=True)
             t_asked = time.monotonic()
             asked.start()
             if double:  # the same switch again at once: one of the two must get 409
-                _ask(client, url, tp, pp, second)
+                _ask(client, url, body, second)
                 doubles[second["status"]] += 1
             fault = None
             if fault_here:
@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
                     wedges.append(f"fault {len(faults)} ({kind} rank {fault.rank}) never recovered")
                     break
             try:
-                current = "{tensor_parallel_size}x{pipeline_parallel_size}".format(**topology(client, url))
+                current = str(Topology.from_dict(topology(client, url)))
             except httpx.HTTPError as exc:
                 wedges.append(f"the server stopped answering after switch {n}: {exc}")
                 break
@@ -361,10 +361,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed or wedges or server_exit != 0 else 0
 
 
-def _ask(client: httpx.Client, url: str, tp: int, pp: int, out: dict) -> None:
+def _ask(client: httpx.Client, url: str, layout: dict, out: dict) -> None:
     try:
-        reply = client.post(f"{url}/v1/admin/reconfigure", json={"tensor_parallel_size": tp,
-                                                                 "pipeline_parallel_size": pp})
+        reply = client.post(f"{url}/v1/admin/reconfigure", json=layout)
         out["status"] = reply.status_code
         out["body"] = reply.json() if reply.status_code == 200 else {"error": reply.text[:300]}
     except httpx.HTTPError as exc:

@@ -1,4 +1,4 @@
-"""A mixture-of-experts MLP (Mixtral, Qwen3-MoE), over a stage's ranks.
+"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE), over a stage's ranks.
 
 Every rank holds the router whole. Tensor-parallel (the default), it holds every expert cut to
 the rows `topo.expert_slice` gives of its gate and up projections and the same columns of its
@@ -47,15 +47,17 @@ class ExpertMLP(nn.Module):
         gate, up, down = names
         experts, _, e = prefix.rpartition(".")
         fused_gate_up, fused_down = f"{experts}.gate_up_proj", f"{experts}.down_proj"
+        index = int(e) if e.isdigit() else None  # a shared expert (Qwen2-MoE) is stored on its own only
+
+        def fused(name: str, **part) -> CheckpointSlice | None:
+            return CheckpointSlice((name,), expert=index, **part) if index is not None else None
+
         self.gate_weight = placeholder((len(rows), hidden_size), CheckpointSlice(
-            (f"{prefix}.{gate}.weight",), rows=rows,
-            otherwise=CheckpointSlice((fused_gate_up,), rows=rows, expert=int(e), half=0)))
+            (f"{prefix}.{gate}.weight",), rows=rows, otherwise=fused(fused_gate_up, rows=rows, half=0)))
         self.up_weight = placeholder((len(rows), hidden_size), CheckpointSlice(
-            (f"{prefix}.{up}.weight",), rows=rows,
-            otherwise=CheckpointSlice((fused_gate_up,), rows=rows, expert=int(e), half=1)))
+            (f"{prefix}.{up}.weight",), rows=rows, otherwise=fused(fused_gate_up, rows=rows, half=1)))
         self.down_weight = placeholder((hidden_size, len(rows)), CheckpointSlice(
-            (f"{prefix}.{down}.weight",), cols=rows,
-            otherwise=CheckpointSlice((fused_down,), cols=rows, expert=int(e))))
+            (f"{prefix}.{down}.weight",), cols=rows, otherwise=fused(fused_down, cols=rows)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.gate_weight)) * F.linear(x, self.up_weight), self.down_weight)
@@ -70,18 +72,31 @@ class SparseMoE(nn.Module):
         self.ctx = ctx
         self.top_k, self.renormalize, self.scores_in_float = moe.top_k, moe.renormalize, moe.scores_in_float
         topo = ctx.topo
-        self.num_experts = moe.num_experts
         rows = topo.expert_slice(ctx.tp_rank, moe.intermediate_size)
         self.router_weight = sharded_parameter((moe.num_experts, cfg.hidden_size), f"{prefix}.gate.weight")
         held = topo.experts_of(topo.coords(ctx.rank), moe.num_experts)
         self.experts = nn.ModuleDict({str(e): ExpertMLP(cfg.hidden_size, rows, f"{prefix}.experts.{e}", names)
                                       for e in held})
+        self.shared_expert = self.shared_gate = None
+        if moe.shared_expert_size:
+            # Every token also runs the shared expert (Qwen2-MoE), scaled by the sigmoid of its gate;
+            # it is cut over the group's tensor ranks like a dense MLP, in every mode: its partial
+            # sums join the experts' before the all-reduce.
+            self.shared_expert = ExpertMLP(cfg.hidden_size, topo.mlp_slice(ctx.tp_rank, moe.shared_expert_size),
+                                           f"{prefix}.shared_expert", ("gate_proj", "up_proj", "down_proj"))
+            self.shared_gate = sharded_parameter((1, cfg.hidden_size), f"{prefix}.shared_expert_gate.weight")
         self.exchanges = topo.exchanges_tokens
         if self.exchanges:
             ctx.votes_in_exchange = True
-            # Each ep rank's experts in ascending order: the j-th of rank r is owned[r][j].
-            self.owned = [[e for e in range(moe.num_experts) if topo.expert_owner(e, moe.num_experts) == r]
-                          for r in range(topo.ep_size)]
+            # Each ep rank holds per_rank experts; the j-th (ascending) of rank r has the slot
+            # r * per_rank + j: rows go out ordered by slot, so grouped by owner, then by expert.
+            self.per_rank = moe.num_experts // topo.ep_size
+            owned = [[e for e in range(moe.num_experts) if topo.expert_owner(e, moe.num_experts) == r]
+                     for r in range(topo.ep_size)]
+            self.slot = torch.empty(moe.num_experts, dtype=torch.long)
+            for r, experts in enumerate(owned):
+                self.slot[experts] = torch.arange(r * self.per_rank, (r + 1) * self.per_rank)
+            self.held = owned[topo.ep_rank(topo.coords(ctx.rank))]  # this rank's, in slot order
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k]."""
@@ -103,34 +118,33 @@ class SparseMoE(nn.Module):
             token, slot = torch.where(chosen == e)
             y = self.experts[str(e)](x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
+        self.add_shared(x, out)
         return self.ctx.all_reduce(out, check_cut=True)
+
+    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add this rank's part of the shared expert's output, if the model has one."""
+        if self.shared_expert is not None:
+            out += torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared_expert(x)
 
     def dispatch_combine(self, x: torch.Tensor) -> torch.Tensor:
         """The layer where experts live across data-parallel groups (see the module docstring):
         this tensor rank's share of the group's tokens goes to the experts' owners and back."""
-        ctx, topo = self.ctx, self.ctx.topo
+        ctx, ep_size, per_rank = self.ctx, self.ctx.topo.ep_size, self.per_rank
         share = split_range(x.shape[0], ctx.tp_size, ctx.tp_rank)
         mine = x[share.start:share.stop]
         chosen, weights = self.route(mine)
-        # One row per (token, chosen expert), ordered by the expert's owner, then by the expert's
-        # place among the owner's (so by expert id, under either placement, within an owner).
-        per_rank = len(self.owned[0])
-        owner = torch.tensor([topo.expert_owner(e, self.num_experts) for e in range(self.num_experts)])
-        local = torch.empty(self.num_experts, dtype=torch.long)
-        for experts in self.owned:
-            local[experts] = torch.arange(per_rank)
-        flat = chosen.reshape(-1).cpu()
-        key = owner[flat] * per_rank + local[flat]
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=topo.ep_size * per_rank).view(topo.ep_size, per_rank)
+        # One row per (token, chosen expert), in slot order (stable: a token's rows keep its order).
+        slot = self.slot[chosen.reshape(-1).cpu()]
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=ep_size * per_rank).view(ep_size, per_rank)
         got = ctx.exchange_counts(counts)  # [ep_size, per_rank]: rows each rank sends, per expert of mine
         send_counts, recv_counts = counts.sum(1).tolist(), got.sum(1).tolist()
         token = (order // self.top_k).to(x.device)
         rows = ctx.exchange_rows(mine[token], send_counts, recv_counts)
         # Received rows are grouped by source rank, then by my expert: run each expert on its rows.
-        expert_of_row = torch.repeat_interleave(torch.arange(per_rank).repeat(topo.ep_size), got.reshape(-1))
+        expert_of_row = torch.repeat_interleave(torch.arange(per_rank).repeat(ep_size), got.reshape(-1))
         results = torch.empty_like(rows)
-        for j, e in enumerate(self.owned[topo.ep_rank(topo.coords(ctx.rank))]):
+        for j, e in enumerate(self.held):
             where = (expert_of_row == j).nonzero().squeeze(1).to(x.device)
             if where.numel():
                 results[where] = self.experts[str(e)](rows[where])
@@ -138,4 +152,16 @@ class SparseMoE(nn.Module):
         weight = weights.reshape(-1)[order.to(weights.device)]
         out = torch.zeros_like(x)
         out[share.start:share.stop].index_add_(0, token, (back * weight[:, None]).to(out.dtype))
+        self.add_shared(x, out)
         return ctx.all_reduce(out)
+
+
+class QwenSparseLayers:
+    """A decoder-layer mixin for the Qwen mixtures of experts (Qwen2-MoE, Qwen3-MoE): on the layers
+    the config makes sparse the MLP is `SparseMoE` under `mlp`, its experts named gate_proj,
+    up_proj, down_proj; elsewhere the family's dense MLP."""
+
+    def make_mlp(self, cfg: ModelConfig, ctx: ParallelContext, layer: int, prefix: str) -> nn.Module:
+        if layer in cfg.moe.sparse_layers:
+            return SparseMoE(cfg, ctx, f"{prefix}.mlp", ("gate_proj", "up_proj", "down_proj"))
+        return super().make_mlp(cfg, ctx, layer, prefix)

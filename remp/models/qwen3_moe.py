@@ -6,19 +6,12 @@ fused as transformers 5 holds them in memory (`mlp.experts.gate_up_proj`, `mlp.e
 remp.layers.moe.ExpertMLP tells which)."""
 from __future__ import annotations
 
-from torch import nn
-
-from remp.config import ModelConfig
-from remp.layers.moe import SparseMoE
+from remp.layers.moe import QwenSparseLayers
 from remp.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
-from remp.parallel.context import ParallelContext
 
 
-class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
-    def make_mlp(self, cfg: ModelConfig, ctx: ParallelContext, layer: int, prefix: str) -> nn.Module:
-        if layer in cfg.moe.sparse_layers:
-            return SparseMoE(cfg, ctx, f"{prefix}.mlp", ("gate_proj", "up_proj", "down_proj"))
-        return super().make_mlp(cfg, ctx, layer, prefix)
+class Qwen3MoeDecoderLayer(QwenSparseLayers, Qwen3DecoderLayer):
+    pass
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):

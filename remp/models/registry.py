@@ -18,6 +18,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "remp.models.qwen3:Qwen3ForCausalLM",
     "MixtralForCausalLM": "remp.models.mixtral:MixtralForCausalLM",
     "Qwen3MoeForCausalLM": "remp.models.qwen3_moe:Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM": "remp.models.qwen2_moe:Qwen2MoeForCausalLM",
 }
 
 

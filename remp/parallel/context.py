@@ -173,9 +173,10 @@ class ParallelContext:
         module docstring): a column of votes travels with the counts, and StepCut is raised on every
         rank if any rank voted to cut."""
         vote = self._carried_cut or (self.checks_cuts and self.cut_requested())
-        sent = torch.cat([counts, counts.new_full((counts.shape[0], 1), int(vote))], dim=1)
+        sent = torch.cat([counts, counts.new_full((counts.shape[0], 1), int(vote))], dim=1).to(self.device)
         got = torch.empty_like(sent)
         dist.all_to_all_single(got, sent, group=self._stage())
+        got = got.cpu()  # the counts size the next exchange: the host needs them
         if self.checks_cuts and bool(got[:, -1].any()):
             raise StepCut
         return got[:, :-1]

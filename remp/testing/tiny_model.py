@@ -26,12 +26,13 @@ from transformers import (
     MistralConfig,
     MixtralConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
 
-VARIANTS = ("gqa", "mha", "qwen2", "qwen3", "mistral", "mixtral", "qwen3-moe")
-MOE_VARIANTS = ("mixtral", "qwen3-moe")
+VARIANTS = ("gqa", "mha", "qwen2", "qwen3", "mistral", "mixtral", "qwen3-moe", "qwen2-moe")
+MOE_VARIANTS = ("mixtral", "qwen3-moe", "qwen2-moe")
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>"]
@@ -87,6 +88,10 @@ def make_tiny_model(
     seed: int = 0,
     max_shard_size: str | None = None,
     fused_experts: bool = False,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    intermediate_size: int | None = None,
+    num_experts: int | None = None,
 ) -> Path:
     """Write a tiny random-weight HF checkpoint of ``variant`` into ``out_dir``.
 
@@ -95,24 +100,42 @@ def make_tiny_model(
     heads, tied), "qwen3" (Qwen3: per-head q/k norms, head_dim 32 though
     hidden / heads is 16, 4 / 2 heads, untied), "mistral" (Mistral, 8 / 2
     heads, untied), "mixtral" (Mixtral: 8 / 2 heads, 8 experts of width 96, top-2)
-    or "qwen3-moe" (Qwen3-MoE: as qwen3, 8 experts of width 48, top-2 renormalised,
-    layer 1 dense).  With ``max_shard_size`` (e.g. "200KB") the weights are split
+    "qwen3-moe" (Qwen3-MoE: as qwen3, 8 experts of width 48, top-2 renormalised,
+    layer 1 dense) or "qwen2-moe" (Qwen2-MoE: q/k/v bias, 4 / 2 heads, 8 experts of
+    width 48, top-2 not renormalised, a gated shared expert of width 64, layer 2 dense).  With ``max_shard_size`` (e.g. "200KB") the weights are split
     into several safetensors files plus an index, to exercise sharded loading.
     With ``fused_experts`` (mixture-of-experts variants only) the weights are the
     model's state_dict as transformers 5 holds it in memory, each layer's experts
     fused into ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``
     [E, H, I] (``save_pretrained`` writes one tensor per expert); the same seed
-    gives the same values in either layout.  Returns the directory.
+    gives the same values in either layout.  ``hidden_size``, ``num_layers``,
+    ``intermediate_size`` (the MLP width: each expert's in the mixture-of-experts
+    variants, and qwen3-moe's dense layer's too) and ``num_experts`` (MoE variants)
+    replace the variant's sizes, e.g. for a model big enough that compute shows in
+    a benchmark; heads, vocabulary and tokenizer stay.  Returns the directory.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny model variant {variant!r}; expected one of {VARIANTS}")
     if fused_experts and variant not in MOE_VARIANTS:
         raise ValueError(f"fused experts need a mixture-of-experts variant ({', '.join(MOE_VARIANTS)}), "
                          f"not {variant!r}")
+    sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "intermediate_size": intermediate_size,
+             "num_experts": num_experts}
+    if any(v is not None and v < 1 for v in sizes.values()):
+        raise ValueError(f"model sizes must be positive: {sizes}")
+    if num_experts is not None and variant not in MOE_VARIANTS:
+        raise ValueError(f"num_experts needs a mixture-of-experts variant ({', '.join(MOE_VARIANTS)}), "
+                         f"not {variant!r}")
+    tokenizer = _build_tokenizer()
+    config = _build_config(variant, tokenizer, {k: v for k, v in sizes.items() if v is not None})
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hidden size {config.hidden_size} must be a multiple of the {variant} variant's "
+                         f"{config.num_attention_heads} attention heads")
+    if variant in MOE_VARIANTS and _num_experts(config) < config.num_experts_per_tok:
+        raise ValueError(f"{_num_experts(config)} experts are fewer than the {config.num_experts_per_tok} "
+                         f"each token is routed to")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
-    config = _build_config(variant, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize_norms_and_biases(model)
@@ -175,14 +198,26 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def _build_config(variant: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    """Return the transformers config for a validated ``variant``, sized to ``tokenizer``."""
+def _num_experts(config: PretrainedConfig) -> int:
+    return config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts
+
+
+def _build_config(variant: str, tokenizer: PreTrainedTokenizerFast,
+                  sizes: dict[str, int] | None = None) -> PretrainedConfig:
+    """Return the transformers config for a validated ``variant``, sized to ``tokenizer``.
+
+    ``sizes`` replaces any of hidden_size, num_hidden_layers, intermediate_size (each expert's
+    width in the mixture-of-experts variants) and num_experts (MoE variants).
+    """
+    sizes = dict(sizes or {})
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    num_experts = sizes.pop("num_experts", 8)
+    width = sizes.get("intermediate_size")
     common = dict(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
+        hidden_size=sizes.get("hidden_size", 64),
+        intermediate_size=width or 128,
+        num_hidden_layers=sizes.get("num_hidden_layers", 4),
         max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         rms_norm_eps=1e-6,
@@ -211,15 +246,21 @@ def _build_config(variant: str, tokenizer: PreTrainedTokenizerFast) -> Pretraine
         return MistralConfig(
             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None, **common
         )
-    # Mixture of experts: 8 experts (more than a pool of 4 has ranks; whole on 2 or 4 of them),
+    # Mixture of experts: 8 experts unless `sizes` says (more than a pool of 4 has ranks; whole on 2 or 4 of them),
     # top-2; random routers send tokens to experts unevenly.
     if variant == "mixtral":
         return MixtralConfig(
             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None,
-            num_local_experts=8, num_experts_per_tok=2, **{**common, "intermediate_size": 96}
+            num_local_experts=num_experts, num_experts_per_tok=2, **{**common, "intermediate_size": width or 96}
+        )
+    if variant == "qwen2-moe":
+        return Qwen2MoeConfig(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, num_experts=num_experts,
+            num_experts_per_tok=2, moe_intermediate_size=width or 48, shared_expert_intermediate_size=64,
+            norm_topk_prob=False, mlp_only_layers=[2], **common
         )
     return Qwen3MoeConfig(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+        num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=width or 48, norm_topk_prob=True,
         mlp_only_layers=[1], **common
     )
