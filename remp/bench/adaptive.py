@@ -24,6 +24,7 @@ import httpx
 
 from remp.bench.serve import BenchConfig, benchmark, load_workload
 from remp.bench.server_process import ServerProcess
+from remp.bench.switch import layout_flags
 from remp.bench.workload import sample_trace_path
 from remp.config import ModelConfig
 from remp.policy.profile import Profile
@@ -102,7 +103,7 @@ def run_layout(args: argparse.Namespace, layout: str, loads: list[Workload], log
                  "--slo-tpot-ms", str(args.slo_tpot_ms), *shlex.split(args.policy_args)]
     else:
         start, flags = Topology.parse(layout), []
-    server = ServerProcess(args.model, ["-tp", str(start.tp), "-pp", str(start.pp), "--worker-pool-size",
+    server = ServerProcess(args.model, [*layout_flags(start), "--worker-pool-size",
                                         str(args.worker_pool_size), *shlex.split(args.serve_args), *flags],
                            log_path=str(log_dir / f"serve-{layout}.log"))
     runs = []
@@ -117,7 +118,7 @@ def run_layout(args: argparse.Namespace, layout: str, loads: list[Workload], log
             runs.append(Run(layout, load.name, metrics, data["start_offsets"], data["ttfts"], data["e2els"],
                             watcher.timeline))
             m = result.metrics
-            print(f"  {layout:>7} {load.name:>9}: {m.output_throughput:6.1f} tok/s, goodput "
+            print(f"  {layout:>11} {load.name:>9}: {m.output_throughput:6.1f} tok/s, goodput "
                   f"{m.request_goodput:.3f} req/s ({100 * m.slo_attainment:.0f}% in SLO), TTFT p50 "
                   f"{m.ttft.median_ms:.0f} ms, TPOT p50 {m.tpot.median_ms:.0f} ms, layouts "
                   f"{[name for _, name in watcher.timeline]}", flush=True)
@@ -227,7 +228,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("model", help="Hugging Face model directory")
     add("--worker-pool-size", type=int, default=4)
-    add("--layouts", help="comma-separated fixed layouts (default: every valid one)")
+    add("--layouts", help="comma-separated fixed layouts, e.g. tp2pp1,tp2pp1ep,dp2tp1pp1ep (default: every valid "
+        "one)")
     add("--profile", help="profile for --auto-reconfigure (default: MODEL/remp_profile.json)")
     add("--auto-start", default="tp1pp1", help="the adaptive server's first layout (default: %(default)s)")
     add("--policy-args", default="--policy-interval 2 --policy-window 10 --policy-dwell 10",
@@ -257,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
     args.profile = args.profile or str(Path(args.model) / "remp_profile.json")
     if not Path(args.profile).is_file():
         raise SystemExit(f"remp bench adaptive: no profile at {args.profile}; run `remp profile` first")
-    layouts = (args.layouts.split(",") if args.layouts
+    layouts = ([str(Topology.parse(name)) for name in args.layouts.split(",")] if args.layouts
                else [str(t) for t in valid_layouts(ModelConfig.from_pretrained(args.model), args.worker_pool_size)])
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from remp.bench.metrics import GOODPUT_METRICS, LatencyStats, Metrics, RequestRecord, compute_metrics
 from remp.bench.workload import (
+    RATE_SCHEDULE_FORMS,
     WorkItem,
     draw_lengths,
     load_trace,
@@ -92,7 +93,11 @@ class BenchConfig:
     trace_duration: float | None = None
     trace_max_input_len: int | None = None
     trace_max_output_len: int | None = None
-    rate_schedule: str | None = None  # "RATE:SECONDS,..." or "day:low=,peak=,period=[,steps=]"
+    rate_schedule: str | None = None  # "RATE:SECONDS,..." or a named shape (workload.RATE_SCHEDULE_FORMS)
+    # --rate-schedule output lengths: lognormal with mean output_len and this log-space standard
+    # deviation (0: uniform within range_ratio), capped at output_cap.
+    output_tail: float = 0.0
+    output_cap: int | None = None
     goodput: dict[str, float] = field(default_factory=dict)  # SLO in ms per GOODPUT_METRICS key
 
 
@@ -141,6 +146,8 @@ class BenchResult:
             "rate_schedule": (
                 parse_rate_schedule(cfg.rate_schedule) if cfg.rate_schedule else None
             ),
+            "output_tail": cfg.output_tail,
+            "output_cap": cfg.output_cap,
             "goodput": cfg.goodput or None,
             "num_prompts": len(self.requests),
             "input_len": cfg.input_len,
@@ -414,6 +421,12 @@ def _validate(config: BenchConfig) -> None:
         raise BenchError(f"--burstiness must be a positive number, not {config.burstiness}")
     if config.max_concurrency is not None and config.max_concurrency < 1:
         raise BenchError(f"--max-concurrency must be at least 1, not {config.max_concurrency}")
+    if (config.output_tail or config.output_cap is not None) and not config.rate_schedule:
+        raise BenchError("--output-tail and --output-cap shape --rate-schedule requests; give one")
+    if not (config.output_tail >= 0 and math.isfinite(config.output_tail)):
+        raise BenchError(f"--output-tail must be a number >= 0, not {config.output_tail}")
+    if config.output_cap is not None and config.output_cap < 1:
+        raise BenchError(f"--output-cap must be at least 1, not {config.output_cap}")
     for name, slo in config.goodput.items():
         if name not in GOODPUT_METRICS:
             choices = ", ".join(GOODPUT_METRICS)
@@ -448,6 +461,8 @@ def load_workload(config: BenchConfig) -> list[WorkItem] | None:
                 range_ratio=config.range_ratio,
                 burstiness=config.burstiness,
                 seed=config.seed,
+                output_tail=config.output_tail,
+                output_cap=config.output_cap,
             )
             if not items:
                 raise ValueError(f"rate schedule {config.rate_schedule!r} produced no arrivals")
@@ -474,10 +489,10 @@ def describe_workload(config: BenchConfig, items: Sequence[WorkItem] | None) -> 
         f"{np.mean([i.output_len for i in items]):.0f} tokens"
     )
     if config.rate_schedule:
-        return (
-            f"rate schedule {config.rate_schedule!r}: {sent}, burstiness {config.burstiness}, "
-            f"range ratio {config.range_ratio}"
-        )
+        lengths = (f"lognormal outputs (sigma {config.output_tail:g}, cap {config.output_cap}, longest "
+                   f"{max(i.output_len for i in items)})" if config.output_tail
+                   else f"range ratio {config.range_ratio}")
+        return f"rate schedule {config.rate_schedule!r}: {sent}, burstiness {config.burstiness}, {lengths}"
     duration = config.trace_duration
     end = "the end" if duration is None else f"{config.trace_start + duration:g} s"
     limits = (("input", config.trace_max_input_len), ("output", config.trace_max_output_len))
@@ -670,10 +685,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "GeneratedTokens), BurstGPT (Timestamp, Request tokens, Response tokens) or JSONL "
         "(timestamp|arrival_s, input_len|input_tokens, output_len|output_tokens); a 10-minute "
         "Azure sample ships at remp/data/traces/azure_llm_2023_conv_10min.csv")
-    source.add_argument("--rate-schedule", metavar="TEXT",
-        help="piecewise-constant rate 'RATE:SECONDS,...' (e.g. '1:60,4:60,1:60') or a day shape "
-        "'day:low=RATE,peak=RATE,period=SECONDS[,steps=N]'")
+    source.add_argument("--rate-schedule", metavar="TEXT", help=f"arrival rate over time: {RATE_SCHEDULE_FORMS}")
     add = workload.add_argument
+    add("--output-tail", type=float, metavar="SIGMA", default=d.output_tail,
+        help="--rate-schedule output lengths lognormal with mean --output-len and log-space standard "
+        "deviation SIGMA, a heavy tail (1.0: median 0.6x the mean, 3%% above 4x); 0 keeps them uniform "
+        "within --range-ratio (default: %(default)s)")
+    add("--output-cap", type=int, metavar="N", help="cap the --output-tail lengths at N (a max_tokens)")
     add("--trace-time-scale", type=float, metavar="X", default=d.trace_time_scale,
         help="divide trace arrival times by this: 2 replays twice as fast (default: %(default)s)")
     add("--trace-length-scale", type=float, metavar="X", default=d.trace_length_scale,
@@ -736,6 +754,8 @@ def run(args: argparse.Namespace) -> BenchResult:
             trace_max_input_len=args.trace_max_input_len,
             trace_max_output_len=args.trace_max_output_len,
             rate_schedule=args.rate_schedule,
+            output_tail=args.output_tail,
+            output_cap=args.output_cap,
             goodput=_slos(args),
         )
         source = "--trace" if config.trace else "--rate-schedule" if config.rate_schedule else None

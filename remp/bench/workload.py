@@ -63,6 +63,18 @@ def draw_lengths(rng: np.random.Generator, length: int, ratio: float, num: int) 
     return rng.integers(low, high + 1, size=num)
 
 
+def draw_tailed_lengths(rng: np.random.Generator, mean: int, sigma: float, num: int, cap: int | None = None
+                        ) -> np.ndarray:
+    """``num`` lognormal lengths with mean ``mean`` (before capping) and log-space standard deviation
+    ``sigma``, rounded, at least 1 and at most ``cap``: most are short and a few are many times the
+    mean, as generation lengths of reasoning and RL rollouts are (the longest run into the cap)."""
+    import numpy as np
+
+    mu = math.log(mean) - sigma**2 / 2
+    lengths = np.maximum(1, np.rint(rng.lognormal(mu, sigma, size=num))).astype(np.int64)
+    return lengths if cap is None else np.minimum(lengths, cap)
+
+
 # --- traces -------------------------------------------------------------------
 
 
@@ -221,16 +233,85 @@ def _parse_time(value: Any) -> float:
 # --- rate schedules -----------------------------------------------------------
 
 
-def parse_rate_schedule(text: str) -> list[tuple[float, float]]:
-    """Parse a rate schedule: ``"RATE:SECONDS,..."`` steps or ``"day:low=,peak=,period=[,steps=]"``.
+RATE_SCHEDULE_FORMS = (
+    "'RATE:SECONDS,...' steps (e.g. '2:120,40:120,2:120'); "
+    "'day:low=,peak=,period=[,steps=]' (a compressed day); "
+    "'bursts:low=,high=,period=,burst=[,cycles=]' (bursty serving: high for burst seconds of every period); "
+    "'burst:n=[,within=]' (about n requests within seconds, 1 by default, then none: an RL rollout's "
+    "batch of prompts; pair it with --output-tail for a decaying tail)"
+)
 
-    ``"1:60,4:60,1:60"`` is one minute each at 1, 4 and 1 req/s.  A day shape
-    is built by ``day_schedule``.  Returns [(rate in req/s, seconds), ...].
+
+def parse_rate_schedule(text: str) -> list[tuple[float, float]]:
+    """Parse a rate schedule: ``"RATE:SECONDS,..."`` steps or one of the named shapes
+    ``"day:..."``, ``"bursts:..."``, ``"burst:..."`` (see RATE_SCHEDULE_FORMS).
+
+    ``"1:60,4:60,1:60"`` is one minute each at 1, 4 and 1 req/s.  The shapes are built by
+    ``day_schedule``, ``bursts_schedule`` and ``burst_schedule``.  Returns [(rate in req/s,
+    seconds), ...].
     """
     text = text.strip()
-    schedule = _parse_day(text) if text.lower().startswith("day:") else _parse_steps(text)
+    kind, sep, _ = text.partition(":")
+    shapes = {"day": _parse_day, "bursts": _parse_bursts, "burst": _parse_burst}
+    parse = shapes.get(kind.strip().lower()) if sep else None
+    schedule = parse(text) if parse else _parse_steps(text)
     _check_schedule(schedule)
     return schedule
+
+
+def _shape_params(text: str, keys: tuple[str, ...], required: tuple[str, ...], usage: str) -> dict[str, float]:
+    """``kind:key=value,...`` -> {key: float(value)}; ValueError naming what is wrong."""
+    params: dict[str, float] = {}
+    for part in text.partition(":")[2].split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in keys:
+            raise ValueError(f"bad rate schedule {text!r}: {part.strip()!r}; expected {usage}")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            raise ValueError(f"bad rate schedule {text!r}: {key}={value.strip()!r} is not a number; "
+                             f"expected {usage}") from None
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise ValueError(f"bad rate schedule {text!r}: missing {', '.join(missing)}; expected {usage}")
+    return params
+
+
+def _parse_bursts(text: str) -> list[tuple[float, float]]:
+    """``bursts:low=L,high=H,period=S,burst=B[,cycles=N]`` -> ``bursts_schedule(...)``."""
+    p = _shape_params(text, ("low", "high", "period", "burst", "cycles"), ("low", "high", "period", "burst"),
+                      "'bursts:low=RATE,high=RATE,period=SECONDS,burst=SECONDS[,cycles=N]'")
+    return bursts_schedule(p["low"], p["high"], p["period"], p["burst"], int(p.get("cycles", 4)))
+
+
+def _parse_burst(text: str) -> list[tuple[float, float]]:
+    """``burst:n=N[,within=S]`` -> ``burst_schedule(N, S)``."""
+    p = _shape_params(text, ("n", "within"), ("n",), "'burst:n=REQUESTS[,within=SECONDS]'")
+    return burst_schedule(p["n"], p.get("within", 1.0))
+
+
+def bursts_schedule(low: float, high: float, period_s: float, burst_s: float, cycles: int = 4
+                    ) -> list[tuple[float, float]]:
+    """Bursty serving: ``cycles`` periods of ``period_s`` seconds, each ``low`` req/s with a burst
+    of ``high`` req/s for its last ``burst_s`` seconds (a base load with spikes, as a shared
+    endpoint sees when a batch job or a popular client fires at once)."""
+    if not (0 <= low <= high and math.isfinite(high)):
+        raise ValueError(f"bursts need 0 <= low <= high, not low={low}, high={high}")
+    _check_positive(period_s=period_s, burst_s=burst_s)
+    if burst_s >= period_s:
+        raise ValueError(f"a burst ({burst_s} s) must be shorter than its period ({period_s} s)")
+    if cycles < 1:
+        raise ValueError(f"bursts need cycles >= 1, not {cycles}")
+    return [(low, period_s - burst_s), (high, burst_s)] * cycles
+
+
+def burst_schedule(num_requests: float, within_s: float = 1.0) -> list[tuple[float, float]]:
+    """About ``num_requests`` requests within ``within_s`` seconds and none after: the prompts of
+    an RL rollout step submitted at once. With long, heavy-tailed outputs (``schedule_arrivals``'
+    ``output_tail``) the running batch starts full and decays into a long tail."""
+    _check_positive(num_requests=num_requests, within_s=within_s)
+    return [(num_requests / within_s, within_s)]
 
 
 def _parse_steps(text: str) -> list[tuple[float, float]]:
@@ -309,8 +390,12 @@ def schedule_arrivals(
     range_ratio: float = 0.0,
     burstiness: float = 1.0,
     seed: int = 0,
+    output_tail: float = 0.0,
+    output_cap: int | None = None,
 ) -> list[WorkItem]:
-    """Seeded arrivals whose rate follows ``schedule``, with lengths drawn like the random dataset.
+    """Seeded arrivals whose rate follows ``schedule``, with lengths drawn like the random dataset,
+    or, with ``output_tail`` > 0, output lengths lognormal with mean ``output_len`` and that
+    log-space standard deviation, capped at ``output_cap`` (``draw_tailed_lengths``).
 
     Time-rescaling: a renewal process with unit mean rate and gamma gaps of
     shape ``burstiness`` (1 is Poisson) runs in "operational time" — the
@@ -321,7 +406,9 @@ def schedule_arrivals(
     import numpy as np
 
     _check_schedule(schedule)
-    _check_positive(burstiness=burstiness)
+    _check_positive(burstiness=burstiness, output_cap=output_cap)
+    if not (output_tail >= 0 and math.isfinite(output_tail)):
+        raise ValueError(f"output_tail must be a finite number >= 0, not {output_tail}")
     rates = np.array([rate for rate, _ in schedule], dtype=np.float64)
     seconds = np.array([s for _, s in schedule], dtype=np.float64)
     starts = np.concatenate(([0.0], np.cumsum(seconds)[:-1]))
@@ -344,7 +431,8 @@ def schedule_arrivals(
     segment = np.searchsorted(load_ends, load, side="right")
     arrivals = starts[segment] + (load - load_starts[segment]) / rates[segment]
     input_lens = draw_lengths(rng, input_len, range_ratio, len(arrivals))
-    output_lens = draw_lengths(rng, output_len, range_ratio, len(arrivals))
+    output_lens = (draw_tailed_lengths(rng, output_len, output_tail, len(arrivals), output_cap) if output_tail
+                   else draw_lengths(rng, output_len, range_ratio, len(arrivals)))
     return [
         WorkItem(arrival_s=float(t), input_len=int(n), output_len=int(m))
         for t, n, m in zip(arrivals, input_lens, output_lens)

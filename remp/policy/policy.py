@@ -32,6 +32,20 @@ class Prediction:
     utilisation: float  # arrival rate / max_request_rate
     saturated: bool  # arrivals outpace what it can serve: the queue grows without bound
     batch: float  # running requests in steady state
+    batch_cap: float = math.inf  # most requests it runs at once (sequence limit and KV capacity)
+    in_system: float = 0.0  # requests running or waiting now (the load's latest observation)
+    drain_s: float = 0.0  # until those are done on this layout (inf when it cannot keep up)
+
+    def backlog_request_s(self, horizon_s: float) -> float:
+        """Request-seconds the requests in the system now spend in it within `horizon_s`, taking
+        them to finish evenly over `drain_s`."""
+        if self.in_system <= 0 or self.drain_s <= 0:
+            return 0.0
+        if math.isinf(self.drain_s):
+            return math.inf
+        if self.drain_s <= horizon_s:
+            return self.in_system * self.drain_s / 2
+        return self.in_system * horizon_s * (1.0 - horizon_s / (2 * self.drain_s))
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,21 @@ class _Mix:
         """Whether Little's law has a solution within the batch cap: B = rate * running_s(B)."""
         return self.batch_cap >= 1.0 and rate * self.running_s(self.batch_cap, rate) <= self.batch_cap
 
+    def drain_s(self, running: float, waiting: float, steady_batch: float, rate: float) -> float:
+        """Seconds until the requests in the system now are done: the running ones halfway through
+        their output, the waiting ones still to prefill and generate all of it. They decode side by
+        side with the steady load, in a batch of at least themselves (up to the cap), at that batch's
+        TPOT, and hold up to the cap's worth of its slots."""
+        requests = running + waiting
+        if requests <= 0:
+            return 0.0
+        batch = min(max(steady_batch, requests), self.batch_cap)
+        if batch < 1.0:
+            return math.inf
+        tokens = running * self.output_len / 2 + waiting * self.output_len
+        prefill = waiting * self.prefill_s / self.layout.pp
+        return prefill + tokens * self.tpot(batch, rate) / min(requests, batch)
+
 
 def _bisect(ok: Callable[[float], bool], lo: float, hi: float) -> float:
     """The boundary between `ok` (at lo) and not `ok` (at hi) of a monotone predicate."""
@@ -81,7 +110,7 @@ def _mix(layout: LayoutProfile, stats: LoadStats) -> _Mix:
         output_len=output_len,
         context_len=input_len + output_len / 2,
         prefill_s=layout.prefill_seconds(input_len),
-        batch_cap=min(float(layout.max_num_seqs), layout.kv_capacity_tokens / (input_len + output_len)),
+        batch_cap=min(float(layout.seq_limit), layout.kv_capacity_tokens / (input_len + output_len)),
     )
 
 
@@ -107,17 +136,23 @@ def predict(layout: LayoutProfile, stats: LoadStats) -> Prediction:
       waits for the step in flight) + an M/D/1 queueing wait rho / (2 (1 - rho)) * S with
       S = 1 / max_request_rate, + the time to drain the requests already waiting.
     - E2E = TTFT + (output - 1) * TPOT. Saturated layouts have infinite TTFT and E2E.
+    - The requests in the system now (running and waiting, from `stats`) are not steady state:
+      `drain_s` is how long this layout takes to finish them (`_Mix.drain_s`). After a burst, or
+      in a batch job's tail with no arrivals, this is what tells layouts apart: the one with the
+      most throughput at that concurrency drains fastest, be it high (large batches) or low.
     """
     mix = _mix(layout, stats)
     rate = stats.arrival_rate
     capacity = max_request_rate(layout, stats)
     utilisation = rate / capacity if capacity > 0 else math.inf
+    in_system = stats.concurrency + stats.queue_len
     if capacity == 0 or (rate > 0 and utilisation >= 1.0):
         served = min(rate, capacity)
         return Prediction(
             ttft_s=math.inf, tpot_s=mix.tpot(mix.batch_cap, served), e2e_s=math.inf,
             throughput_tok_s=served * mix.output_len, max_request_rate=capacity,
-            utilisation=utilisation, saturated=True, batch=mix.batch_cap)
+            utilisation=utilisation, saturated=True, batch=mix.batch_cap, batch_cap=mix.batch_cap,
+            in_system=in_system, drain_s=math.inf if in_system > 0 else 0.0)
     batch = _bisect(lambda b: rate * mix.running_s(b, rate) > b, 0.0, mix.batch_cap) if rate > 0 else 0.0
     tpot = mix.tpot(batch, rate)
     step_wait = (1.0 - math.exp(-batch)) * tpot / 2
@@ -127,7 +162,8 @@ def predict(layout: LayoutProfile, stats: LoadStats) -> Prediction:
     return Prediction(
         ttft_s=ttft, tpot_s=tpot, e2e_s=ttft + (mix.output_len - 1) * tpot,
         throughput_tok_s=rate * mix.output_len, max_request_rate=capacity,
-        utilisation=utilisation, saturated=False, batch=batch)
+        utilisation=utilisation, saturated=False, batch=batch, batch_cap=mix.batch_cap, in_system=in_system,
+        drain_s=mix.drain_s(stats.concurrency, stats.queue_len, batch, rate))
 
 
 def _relative_gain(base: float, score: float) -> float:
@@ -163,8 +199,10 @@ class Policy:
     - goodput (SLOs given and some layout is predicted to meet them): score = rate x the
       predicted share of requests meeting the SLOs; a switch costs the requests whose SLOs
       the pause breaks.
-    - latency: score = -(rate x E2E), the request-seconds of latency accrued per second;
-      a switch costs the request-seconds the pause adds.
+    - latency: score = -(rate x E2E + the request-seconds the requests in the system now still
+      spend in it within the horizon, per second of the horizon): latency accrued per second by
+      the arrivals and by the requests already running or waiting (which is all there is in a
+      batch job's tail); a switch costs the request-seconds the pause adds.
     A switch to the layout with the largest net gain (score gain x horizon - switch cost) is
     proposed when that net gain is positive and the relative score gain exceeds `margin`, at
     the estimated arrival rate and at both ends of its confidence interval (+-
@@ -274,7 +312,8 @@ class Policy:
             if max(goodput.values()) > 0:
                 return _Regime("goodput", "requests", goodput)
         return _Regime("latency", "request-s",
-                       {n: -math.inf if p.saturated else -stats.arrival_rate * p.e2e_s
+                       {n: -math.inf if p.saturated
+                        else -(stats.arrival_rate * p.e2e_s + p.backlog_request_s(self.horizon_s) / self.horizon_s)
                         for n, p in predictions.items()})
 
     def _attainment(self, ttft_s: float, tpot_s: float) -> float:
@@ -290,21 +329,28 @@ class Policy:
                 share *= min(1.0, max(0.0, 1.5 - predicted / slo))
         return share
 
-    def _switch_cost(self, regime: _Regime, stats: LoadStats, current: Prediction, source: str,
+    def _switch_cost(self, regime: _Regime, stats: LoadStats, predictions: dict[str, Prediction], source: str,
                      target: str) -> float:
-        """What the pause of switching `source` -> `target` costs, in the regime's unit."""
+        """What switching `source` -> `target` costs, in the regime's unit: its pause, and the
+        running requests the target cannot hold (more than its sequence limit or KV capacity),
+        which it preempts to recompute later, losing what they had generated."""
+        current = predictions[source]
         pause = self.profile.switch_cost(source, target).pause_seconds
         in_system = stats.concurrency + stats.queue_len
+        preempted = max(0.0, min(stats.concurrency, current.batch_cap) - predictions[target].batch_cap)
         if regime.name == "capacity":
-            return current.max_request_rate * pause
+            return current.max_request_rate * pause + preempted
         if regime.name == "goodput":
             # Everyone in the system or arriving during the pause waits out (part of) it: count
             # those whose SLOs the extra wait breaks, plus what the layout would have served.
             paused = self._attainment(current.ttft_s + pause, current.tpot_s + pause / self._decode_tokens(stats))
             lost = self._attainment(current.ttft_s, current.tpot_s) - paused
-            return regime.scores[source] * pause + (in_system + stats.arrival_rate * pause) * lost
-        # Requests in the system wait the whole pause; arrivals during it wait half of it on average.
-        return in_system * pause + stats.arrival_rate * pause * pause / 2
+            return (regime.scores[source] * pause + (in_system + stats.arrival_rate * pause) * lost
+                    + preempted * self._attainment(current.ttft_s, current.tpot_s))
+        # Requests in the system wait the whole pause; arrivals during it wait half of it on average;
+        # a preempted request generates again the half of its output it had, at the current TPOT.
+        redo = preempted * stats.mean_output_len / 2 * current.tpot_s if current.tpot_s < math.inf else 0.0
+        return in_system * pause + stats.arrival_rate * pause * pause / 2 + redo
 
     @staticmethod
     def _decode_tokens(stats: LoadStats) -> float:
@@ -321,7 +367,7 @@ class Policy:
             if target == current or score <= base:
                 continue
             gain = (score - base) * self.horizon_s
-            cost = self._switch_cost(regime, stats, predictions[current], current, target)
+            cost = self._switch_cost(regime, stats, predictions, current, target)
             if gain > cost and _relative_gain(base, score) > self.margin:
                 options[target] = (gain, cost)
         return options
@@ -341,7 +387,8 @@ class Policy:
         if regime.name == "goodput":
             return (f"TTFT {p.ttft_s * 1e3:.0f} ms, TPOT {p.tpot_s * 1e3:.1f} ms, "
                     f"{100 * self._attainment(p.ttft_s, p.tpot_s):.0f}% within SLOs")
-        return f"E2E {p.e2e_s:.3g} s (TTFT {p.ttft_s * 1e3:.0f} ms, TPOT {p.tpot_s * 1e3:.1f} ms)"
+        drain = f", {p.in_system:.0f} in system done in {p.drain_s:.3g} s" if p.in_system > 0 else ""
+        return f"E2E {p.e2e_s:.3g} s (TTFT {p.ttft_s * 1e3:.0f} ms, TPOT {p.tpot_s * 1e3:.1f} ms{drain})"
 
     def _compare(self, regime: _Regime, predictions: dict[str, Prediction], current: str, target: str) -> str:
         return f"({self._describe(regime, predictions[current])} -> {self._describe(regime, predictions[target])})"
@@ -358,7 +405,7 @@ class Policy:
                     f"{self._describe(regime, predictions[runner_up])})")
         base, score = regime.scores[current], regime.scores[runner_up]
         gain = (score - base) * self.horizon_s
-        cost = self._switch_cost(regime, stats, predictions[current], current, runner_up)
+        cost = self._switch_cost(regime, stats, predictions, current, runner_up)
         relative = _relative_gain(base, score)
         relative = f" by {100 * relative:.1f}%" if math.isfinite(relative) else ""
         return (f"stay on {current}: {self._load(stats)}; {regime.name} regime: {runner_up} is better{relative} "

@@ -9,6 +9,13 @@ grows roughly linearly in tokens once the matmuls are large). It also holds each
 capacity and the measured cost of switching between layouts, so a decision can weigh the gain
 against the pause. `remp profile` writes it; `analytic_profile` builds one for machines we do not
 have, from a roofline model.
+
+A layout is the whole `Topology` (tp, pp, expert parallelism, data-parallel groups, expert
+placement) and is keyed by its name, `str(Topology)`: "tp2pp1", "tp2pp1ep", "dp2tp1pp1ep".
+Files written before a layout carried more than tp and pp load with the defaults (no expert
+parallelism, one group). KV blocks and the sequence limit are a data-parallel group's, as the
+engine configures each group's scheduler; `kv_capacity_tokens` and `seq_limit` are the whole
+instance's.
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+
+from remp.topology import Topology
 
 
 def _interp(xs: list[float], ys: list[float], x: float) -> float:
@@ -45,19 +54,43 @@ class DecodePoint:
 class LayoutProfile:
     tp: int
     pp: int
-    num_kv_blocks: int
+    num_kv_blocks: int  # of one data-parallel group
     block_size: int
-    max_num_seqs: int
-    prefill: list[PrefillPoint]
-    decode: list[DecodePoint]
+    max_num_seqs: int  # of one data-parallel group (each group schedules its own requests)
+    prefill: list[PrefillPoint]  # the whole instance: a step's prompts spread over its groups
+    decode: list[DecodePoint]  # the whole instance: batch_size counts every group's sequences
+    ep: bool = False
+    dp: int = 1
+    placement: str = "linear"
+
+    @classmethod
+    def of(cls, topology: Topology, **costs) -> LayoutProfile:
+        """The profile of `topology`'s layout with the given costs (the other fields)."""
+        return cls(tp=topology.tp, pp=topology.pp, ep=topology.ep, dp=topology.dp, placement=topology.placement,
+                   **costs)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.tp, self.pp, self.ep, self.dp, self.placement)
 
     @property
     def name(self) -> str:
-        return f"tp{self.tp}pp{self.pp}"
+        return str(self.topology)
+
+    @property
+    def total_kv_blocks(self) -> int:
+        """KV blocks of every data-parallel group together."""
+        return self.dp * self.num_kv_blocks
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return self.num_kv_blocks * self.block_size
+        """Tokens of KV the whole instance holds (every group's cache)."""
+        return self.total_kv_blocks * self.block_size
+
+    @property
+    def seq_limit(self) -> int:
+        """Sequences the whole instance runs at once (every group's max_num_seqs)."""
+        return self.dp * self.max_num_seqs
 
     @cached_property
     def _prefill_table(self) -> tuple[list[float], list[float]]:
@@ -100,7 +133,7 @@ class Profile:
     pool_size: int
     device: str  # what it was measured on, in words ("cpu, 2 cores", "analytic: 8x H100")
     layouts: dict[str, LayoutProfile]
-    switch: dict[str, SwitchCost] = field(default_factory=dict)  # key "tp1pp1->tp2pp1"
+    switch: dict[str, SwitchCost] = field(default_factory=dict)  # key "tp1pp1->tp2pp1ep"
 
     def switch_cost(self, source: str, target: str) -> SwitchCost:
         """The measured cost, or the dearest one measured when this pair was not."""
@@ -121,10 +154,14 @@ class Profile:
         raw = json.loads(Path(path).read_text())
         layouts = {}
         for name, lp in raw["layouts"].items():
-            layouts[name] = LayoutProfile(
-                tp=lp["tp"], pp=lp["pp"], num_kv_blocks=lp["num_kv_blocks"], block_size=lp["block_size"],
-                max_num_seqs=lp["max_num_seqs"], prefill=[PrefillPoint(**p) for p in lp["prefill"]],
-                decode=[DecodePoint(**p) for p in lp["decode"]])
+            layout = LayoutProfile(
+                tp=lp["tp"], pp=lp["pp"], ep=bool(lp.get("ep", False)), dp=int(lp.get("dp", 1)),
+                placement=lp.get("placement", "linear"), num_kv_blocks=lp["num_kv_blocks"],
+                block_size=lp["block_size"], max_num_seqs=lp["max_num_seqs"],
+                prefill=[PrefillPoint(**p) for p in lp["prefill"]], decode=[DecodePoint(**p) for p in lp["decode"]])
+            if layout.name != name:
+                raise ValueError(f"{path}: layout {name!r} holds the costs of {layout.name}")
+            layouts[name] = layout
         switch = {k: SwitchCost(**v) for k, v in raw.get("switch", {}).items()}
         return cls(model=raw["model"], pool_size=raw["pool_size"], device=raw["device"], layouts=layouts,
                    switch=switch)

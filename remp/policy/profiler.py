@@ -135,13 +135,15 @@ def decode_headroom(engine: LLMEngine, topo: Topology, batch: int, prompt_len: i
 def plan_grid(engine: LLMEngine, topo: Topology, batch_sizes: Iterable[int], context_lens: Iterable[int],
               prefill_tokens: Iterable[int]) -> LayoutGrid:
     """Clip the requested grid to what `topo` can run without preempting: max_num_seqs, the
-    step token budget, max_model_len and the layout's KV blocks. Raises ValueError when nothing
-    is left to measure."""
-    blocks, seqs = engine.num_blocks_for(topo), engine.config.max_num_seqs
+    step token budget, max_model_len and the layout's KV blocks. A data-parallel layout runs
+    max_num_seqs and holds its KV blocks per group, and the engine gives each new request to the
+    least loaded group, so a batch spreads evenly over them. Raises ValueError when nothing is
+    left to measure."""
+    blocks, seqs = engine.num_blocks_for(topo), topo.dp * engine.config.max_num_seqs
     per_seq = engine.scheduler.blocks.blocks_needed
 
     def fits(batch: int, tokens: int) -> bool:
-        return batch * per_seq(tokens) <= blocks
+        return math.ceil(batch / topo.dp) * per_seq(tokens) <= blocks
 
     prefill = []
     for total in sorted({min(t, engine.max_num_batched_tokens) for t in prefill_tokens if t > 0}):
@@ -211,9 +213,9 @@ def measure_layout(driver: Driver, grid: LayoutGrid, bar: tqdm) -> LayoutProfile
         bar.set_description(f"{topo} prefill {batch}x{prompt_len}")
         prefill.append(measure_prefill(driver, batch, prompt_len))
         bar.update()
-    return LayoutProfile(tp=topo.tp, pp=topo.pp, num_kv_blocks=engine.scheduler.blocks.num_blocks,
-                         block_size=engine.config.block_size, max_num_seqs=engine.config.max_num_seqs,
-                         prefill=prefill, decode=decode)
+    return LayoutProfile.of(topo, num_kv_blocks=engine.scheduler.blocks.num_blocks,
+                            block_size=engine.config.block_size, max_num_seqs=engine.config.max_num_seqs,
+                            prefill=prefill, decode=decode)
 
 
 def measure_switch(driver: Driver, target: Topology) -> SwitchCost:
@@ -232,7 +234,9 @@ def measure_switch(driver: Driver, target: Topology) -> SwitchCost:
 
 
 def check_layouts(model: ModelConfig, pool_size: int, layouts: list[Topology] | None) -> list[Topology]:
-    """The layouts asked for, deduplicated and validated, or every valid one when none were."""
+    """The layouts asked for, deduplicated and validated, or every valid one when none were:
+    `valid_layouts`, what a live switch may target (expert-parallel and data-parallel layouts
+    included), since the profile is taken by switching along a tour of them."""
     if layouts is None:
         return valid_layouts(model, pool_size)
     for layout in layouts:
@@ -246,13 +250,15 @@ def profile_model(config: EngineConfig, layouts: list[Topology] | None = None,
                   batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES, context_lens: Iterable[int] = DEFAULT_CONTEXT_LENS,
                   prefill_tokens: Iterable[int] = DEFAULT_PREFILL_TOKENS, progress: bool = True) -> Profile:
     """Measure every layout of `layouts` (default: all valid on config's pool) and every switch
-    between them with one engine; config's own tp/pp are ignored, the pool size is what counts.
+    between them with one engine; config's own layout is ignored, the pool size is what counts.
     Raises ValueError (TopologyError, ModelError) for a request that cannot run."""
     pool = config.pool_size
     layouts = check_layouts(ModelConfig.from_pretrained(config.model), pool, layouts)
     tour = switch_tour(layouts)
-    engine = LLMEngine(replace(config, tensor_parallel_size=tour[0].tp, pipeline_parallel_size=tour[0].pp,
-                               worker_pool_size=pool))
+    first = tour[0]
+    engine = LLMEngine(replace(config, tensor_parallel_size=first.tp, pipeline_parallel_size=first.pp,
+                               data_parallel_size=first.dp, enable_expert_parallel=first.ep,
+                               expert_placement_strategy=first.placement, worker_pool_size=pool))
     try:
         grids = {topo: plan_grid(engine, topo, batch_sizes, context_lens, prefill_tokens) for topo in layouts}
         driver = Driver(engine)

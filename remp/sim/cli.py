@@ -1,7 +1,8 @@
 """`remp simulate`: replay a trace or rate schedule against profiled layouts, fixed or adaptive.
 
-Only argparse is imported at the top so `remp --help` stays instant; the simulator (and the
-benchmark module whose report and metrics it shares) load when the command runs.
+Only argparse and the workload module (standard library only, for the rate-schedule forms its help
+names) are imported at the top so `remp --help` stays instant; the simulator (and the benchmark
+module whose report and metrics it shares) load when the command runs.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
+
+from remp.bench.workload import RATE_SCHEDULE_FORMS
 
 if TYPE_CHECKING:
     from remp.bench.workload import WorkItem
@@ -24,12 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = workload.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", metavar="FILE", help="CSV or JSONL request trace (Azure, BurstGPT, JSONL); "
                         "a 10-minute Azure sample ships at remp/data/traces/azure_llm_2023_conv_10min.csv")
-    source.add_argument("--rate-schedule", metavar="TEXT",
-                        help="'RATE:SECONDS,...' (e.g. '2:120,40:120,2:120') or 'day:low=,peak=,period=[,steps=]'")
+    source.add_argument("--rate-schedule", metavar="TEXT", help=f"arrival rate over time: {RATE_SCHEDULE_FORMS}")
     add = workload.add_argument
     add("--input-len", type=int, default=512, help="prompt tokens of --rate-schedule requests (default: %(default)s)")
-    add("--output-len", type=int, default=128, help="output tokens of --rate-schedule requests (default: %(default)s)")
+    add("--output-len", type=int, default=128,
+        help="output tokens of --rate-schedule requests, the mean with --output-tail (default: %(default)s)")
     add("--range-ratio", type=float, default=0.0, help="lengths uniform within +-ratio (default: %(default)s)")
+    add("--output-tail", type=float, default=0.0, metavar="SIGMA",
+        help="--rate-schedule output lengths lognormal with mean --output-len and log-space standard deviation "
+        "SIGMA, a heavy tail (1.0: median 0.6x the mean, 3%% above 4x); 0 keeps them uniform (default: 0)")
+    add("--output-cap", type=int, metavar="N", help="cap the --output-tail lengths at N (a max_tokens)")
     add("--burstiness", type=float, default=1.0,
         help="gamma shape of arrival gaps, 1 is Poisson (default: %(default)s)")
     add("--seed", type=int, default=0, help="arrival and length seed (default: %(default)s)")
@@ -48,8 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = model.add_mutually_exclusive_group(required=True)
     where.add_argument("--profile", metavar="FILE", help="a profile written by `remp profile`")
     where.add_argument("--analytic", metavar="PRESET",
-                       help="a roofline-model profile, e.g. llama-7b-8xh100 (see remp.policy.analytic)")
-    model.add_argument("--layout", help="serve on this layout (the starting one with --auto)")
+                       help="a roofline-model profile MODEL-HARDWARE, models llama-7b, llama3-8b, llama3-70b and the "
+                       "mixtures of experts mixtral-8x7b, qwen3-30b-a3b (with data-parallel layouts), hardware "
+                       "8xh100, 4xh100, 4xl4, e.g. qwen3-30b-a3b-8xh100 (see remp.policy.analytic)")
+    model.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
+                       help="--analytic: sequences each data-parallel group runs at once (default: %(default)s)")
+    model.add_argument("--layout", help="serve on this layout, e.g. tp4pp1, tp8pp1ep, dp8tp1pp1ep (the starting one "
+                       "with --auto)")
     model.add_argument("--auto", action="store_true", help="let the policy switch layouts (default start: the "
                        "layout predicted best for the workload's first --window seconds)")
     model.add_argument("--compare-fixed", action="store_true",
@@ -84,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     from remp.bench.serve import BenchConfig, BenchResult, describe_workload, format_report, load_workload
     from remp.policy.policy import Policy
     from remp.sim.simulator import simulate
+    from remp.topology import Topology
 
     profile = _load_profile(args)
     slos = {name: ms for name, ms in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms)) if ms is not None}
@@ -92,11 +105,14 @@ def _run(args: argparse.Namespace) -> int:
         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio, seed=args.seed,
         trace=args.trace, trace_time_scale=args.time_scale, trace_length_scale=args.length_scale,
         trace_start=args.trace_start, trace_duration=args.trace_duration, trace_max_input_len=args.max_input_len,
-        trace_max_output_len=args.max_output_len, rate_schedule=args.rate_schedule, goodput=slos)
+        trace_max_output_len=args.max_output_len, rate_schedule=args.rate_schedule, output_tail=args.output_tail,
+        output_cap=args.output_cap, goodput=slos)
+    if (args.output_tail or args.output_cap is not None) and not args.rate_schedule:
+        raise ValueError("--output-tail and --output-cap shape --rate-schedule requests")
     items = load_workload(config)
     if not args.layout and not args.auto:
         raise ValueError("give --layout NAME (fixed), --auto (adaptive), or both (adaptive from NAME)")
-    layout = args.layout or _initial_layout(profile, items, args.window)
+    layout = str(Topology.parse(args.layout)) if args.layout else _initial_layout(profile, items, args.window)
     policy = Policy(profile, slo_ttft_s=_seconds(args.slo_ttft_ms), slo_tpot_s=_seconds(args.slo_tpot_ms),
                     horizon_s=args.horizon, margin=args.margin, dwell_s=args.dwell,
                     confirm=args.confirm) if args.auto else None
@@ -108,9 +124,10 @@ def _run(args: argparse.Namespace) -> int:
                         workload=describe_workload(config, items))
     print(format_report(bench))
     print(_format_timeline(result))
-    runs = {"adaptive" if policy else layout: result}
-    if args.compare_fixed:
-        runs.update((name, simulate(items, profile, name, None, slos)) for name in profile.layouts if name not in runs)
+    runs = {"adaptive" if policy else layout: _summary(result)}
+    if args.compare_fixed:  # one run's records at a time: a burst's per-token gaps take gigabytes over many layouts
+        runs.update((name, _summary(simulate(items, profile, name, None, slos)))
+                    for name in profile.layouts if name not in runs)
         print(_format_comparison(runs))
     if args.json_path:
         out = bench.to_json()
@@ -118,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
             "profile": args.profile or f"analytic:{args.analytic}", "device": profile.device, "mode": mode,
             "preemptions": result.preemptions, "layout_seconds": result.layout_seconds(),
             "timeline": [vars(change) for change in result.timeline],
-            "runs": {name: _summary(r) for name, r in runs.items()},
+            "runs": runs,
         }
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(out, f, allow_nan=False)
@@ -133,7 +150,7 @@ def _load_profile(args: argparse.Namespace) -> Profile:
     from remp.policy.analytic import analytic_profile_for
     from remp.policy.profile import Profile
 
-    return Profile.load(args.profile) if args.profile else analytic_profile_for(args.analytic)
+    return Profile.load(args.profile) if args.profile else analytic_profile_for(args.analytic, args.max_num_seqs)
 
 
 def _initial_layout(profile: Profile, items: Sequence[WorkItem], window_s: float) -> str:
@@ -175,14 +192,13 @@ def _summary(result: SimResult) -> dict[str, float | int | None]:
     }
 
 
-def _format_comparison(runs: dict[str, SimResult]) -> str:
-    header = (f"{'run':<10} {'switch':>6} {'req/s':>7} {'goodput':>8} {'tok/s':>8} {'TTFT p50':>9} {'p99':>9} "
+def _format_comparison(runs: dict[str, dict[str, float | int | None]]) -> str:
+    header = (f"{'run':<12} {'switch':>6} {'req/s':>7} {'goodput':>8} {'tok/s':>8} {'TTFT p50':>9} {'p99':>9} "
               f"{'TPOT p50':>9} {'p99':>7} {'E2E mean':>9}")
     lines = [f"{' Fixed layouts vs this run (ms) ':=^{len(header)}}", header]
-    for name, result in runs.items():
-        s = _summary(result)
+    for name, s in runs.items():
         goodput = "-" if s["request_goodput"] is None else f"{s['request_goodput']:.2f}"
-        lines.append(f"{name:<10} {s['switches']:>6} {s['request_throughput']:>7.2f} {goodput:>8} "
+        lines.append(f"{name:<12} {s['switches']:>6} {s['request_throughput']:>7.2f} {goodput:>8} "
                      f"{s['output_throughput']:>8.0f} {s['median_ttft_ms']:>9.0f} {s['p99_ttft_ms']:>9.0f} "
                      f"{s['median_tpot_ms']:>9.1f} {s['p99_tpot_ms']:>7.1f} {s['mean_e2el_ms']:>9.0f}")
     return "\n".join(lines)

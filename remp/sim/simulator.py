@@ -22,6 +22,10 @@ transaction: the old layout keeps serving while the target is prepared (switch s
 pause), then nothing runs for the pause, then the new layout's KV capacity applies (the
 newest requests are preempted until the live blocks fit). Nothing here is random: the
 same workload and profile always give the same result.
+
+A data-parallel layout is modelled as one pool: its groups' KV blocks and sequence limits add up
+(`LayoutProfile.total_kv_blocks`, `seq_limit`), a request needs room in one group's cache, and
+the profile's step costs are the whole instance's, its sequences spread evenly over the groups.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from remp.engine.admission import admit, make_room, requeue, shrink
 from remp.policy.profile import LayoutProfile, Profile
 from remp.policy.stats import LoadTracker
 
-if TYPE_CHECKING:  # only annotated here; importing it loads remp.topology and with it torch
+if TYPE_CHECKING:  # only annotated here
     from remp.policy.policy import Policy
 
 
@@ -108,7 +112,7 @@ class _Instance:
 
     @property
     def num_free(self) -> int:
-        return self.layout.num_kv_blocks - self.used_blocks
+        return self.layout.total_kv_blocks - self.used_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.layout.block_size)
@@ -131,16 +135,18 @@ class _Instance:
 
     def admit(self, now: float) -> list[_Request]:
         """Waiting requests that fit, first come first served; those that never could fail (the
-        engine refuses them when they are added: its cache holds its longest context)."""
+        engine refuses them when they are added: its cache holds its longest context). A request
+        needs room in one data-parallel group's cache."""
         def never_fits(req: _Request, need: int) -> bool:
             if need <= self.layout.num_kv_blocks:
                 return False
-            req.record.error = f"needs {need} KV blocks, more than the {self.layout.num_kv_blocks} of {self.name}"
+            req.record.error = (f"needs {need} KV blocks, more than the {self.layout.num_kv_blocks} of a group "
+                                f"of {self.name}")
             req.record.latency = now - req.item.arrival_s
             return True
 
         admitted = []
-        for req, need in admit(self.waiting, self.running, self.layout.max_num_seqs, math.inf, self, never_fits):
+        for req, need in admit(self.waiting, self.running, self.layout.seq_limit, math.inf, self, never_fits):
             req.blocks, req.running = need, True
             self.used_blocks += need
             admitted.append(req)
@@ -150,8 +156,8 @@ class _Instance:
         """Serve on `name` from now; preempt the newest requests the new cache cannot hold."""
         self.name, self.layout = name, self.profile.layouts[name]
         layout = self.layout
-        shrink(self.running, lambda: self.used_blocks <= layout.num_kv_blocks
-               and len(self.running) <= layout.max_num_seqs, self.preempt)
+        shrink(self.running, lambda: self.used_blocks <= layout.total_kv_blocks
+               and len(self.running) <= layout.seq_limit, self.preempt)
 
 
 class Simulator:
@@ -258,7 +264,7 @@ class Simulator:
     def _decide(self, policy: Policy) -> None:
         engine, now = self.engine, self.now
         self.next_decision = now + self.interval - (now - self.next_decision) % self.interval
-        usage = engine.used_blocks / engine.layout.num_kv_blocks
+        usage = engine.used_blocks / engine.layout.total_kv_blocks
         self.tracker.observe(now, len(engine.running), len(engine.waiting), usage)
         decision = policy.decide(self.tracker.stats(now), engine.name, now)
         if decision.target:
