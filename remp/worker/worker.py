@@ -250,9 +250,10 @@ class Worker:
         # behind the preparation, not after its success): it still sends what it holds and takes
         # what it is sent, so no peer waits on it, and then fails.
         unprepared = new_kv is None and bool(local or recvs)
-        # A layer whose cache the target shares with the one in use already has its blocks in place,
-        # unless they change ids (a request moving between data-parallel groups, or a pool that shrank).
-        local = [] if unprepared else [t for t in local if t.layer not in new_kv.reused or src_blocks != dst_blocks]
+        # A layer whose cache the target shares with the one in use already has its blocks in place:
+        # a cache is shared only when dp and the block count stay, and then every block keeps its id
+        # (remp.kv.placement).
+        local = [] if unprepared else [t for t in local if t.layer not in new_kv.reused]
         src_idx = torch.tensor(src_blocks, device=self.device)
         dst_idx = torch.tensor(dst_blocks, device=self.device)
         shape = (len(src_blocks), 2, self.block_size, -1, self.model_config.head_dim)
