@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from remp import __version__
 
     parser = argparse.ArgumentParser(prog="remp", description="LLM inference server whose parallel "
-                                     "layout (TP x PP) is runtime state.")
+                                     "layout (DP x TP x PP, experts TP or EP) is runtime state.")
     parser.add_argument("--version", action="version", version=f"remp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -311,10 +311,11 @@ def _reconfigure(args: argparse.Namespace) -> int:
 
     import httpx
 
+    from remp.topology import Topology
+
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    body = {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
-            "data_parallel_size": args.data_parallel_size, "enable_expert_parallel": args.enable_expert_parallel,
-            "expert_placement_strategy": args.expert_placement_strategy}
+    body = Topology(args.tensor_parallel_size, args.pipeline_parallel_size, args.enable_expert_parallel,
+                    args.data_parallel_size, args.expert_placement_strategy).as_dict()
     try:
         reply = httpx.post(f"{args.url.rstrip('/')}/v1/admin/reconfigure", json=body, headers=headers, timeout=600)
     except httpx.HTTPError as exc:

@@ -2,7 +2,8 @@
 
 A `Topology` answers every ownership question — which stage holds a layer, which tensor
 rank holds a query head, a KV head, a slice of the MLP or of the vocabulary, which global
-rank a (stage, tp rank) pair is — for weights, KV cache and communication groups alike.
+rank a (stage, tp rank, dp rank) is, who holds an expert — for weights, KV cache and communication
+groups alike.
 Nothing else in remp computes ownership; a switch is the difference of two Topology values.
 """
 from __future__ import annotations

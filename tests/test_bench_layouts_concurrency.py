@@ -16,9 +16,9 @@ from remp.bench.layouts import (
     concurrency_table,
     rate_table,
     run_plan,
-    serve_flags,
     write_plot,
 )
+from remp.bench.server_process import serve_flags
 from remp.cli import build_parser
 from remp.testing.tiny_model import _build_config, _build_tokenizer, make_tiny_model
 from remp.topology import Topology

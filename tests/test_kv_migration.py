@@ -134,3 +134,14 @@ def test_plan_between_groups_covers_the_target_group_from_the_source_group(cfg, 
                 tp, cfg.num_kv_heads).start) for layer in range(cfg.num_layers) for tp in range(new.tp)
                 for h in new.kv_heads_of(tp, cfg.num_kv_heads)}
             assert covered == wanted
+
+
+def test_a_group_takes_no_more_requests_than_its_sequence_limit():
+    """Two groups of two running requests become one group of --max-num-seqs 3: the newest request
+    is left out (the switch preempts it) though its blocks would fit."""
+    from remp.kv.placement import BlockSpace, RequestKV, place_requests
+
+    reqs = [RequestKV(k, f"r{k}", k % 2, (16 * (k % 2) + k // 2,), 1, (1,)) for k in range(4)]
+    p = place_requests(reqs, BlockSpace(16), BlockSpace(32), 2, 1, seq_limit=3)
+    assert p.groups == {0: 0, 1: 0, 2: 0} and p.overflow == [3]
+    assert not place_requests(reqs, BlockSpace(16), BlockSpace(32), 2, 1).overflow

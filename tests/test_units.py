@@ -363,7 +363,7 @@ def test_the_engine_names_the_kv_blocks_a_switch_copies_and_moves():
     engine = _switch_host(sched, 4)
     a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
     _run_prompts(sched, a, b, c)  # a: blocks 0 1 | 2, b: 3 |, c: 4 | 5 (full | filling)
-    assert engine.num_running() == 3 and engine.num_live_kv_blocks() == 6 and engine.num_kv_blocks == 16
+    assert engine.num_running() == 3 and sum(len(r.blocks) for r in engine.running_kv()) == 6 and engine.num_kv_blocks == 16
     kv = {r.request_id: (r.group, r.blocks, r.full, r.handouts) for r in engine.running_kv()}
     assert kv == {"r0": (0, (0, 1, 2), 2, (1, 1, 1)), "r1": (0, (3,), 1, (1,)), "r2": (0, (4, 5), 1, (1, 1))}
     sched.finish(b, "stop")  # block 3 goes to d: its pre-copy no longer holds d's KV
@@ -406,9 +406,10 @@ def test_the_engine_preempts_the_requests_a_switch_has_no_room_for():
     engine = _switch_host(sched, 4)
     a, b, c = _seq(0, 9), _seq(1, 4), _seq(2, 5)
     _run_prompts(sched, a, b, c)
-    assert engine.preempt_requests([2, 1]) == ["r1", "r2"]
-    assert engine.num_running() == 1 and engine.num_live_kv_blocks() == 3
+    assert engine.preempt_requests([2, 1]) == ["r2", "r1"]  # newest first, so the oldest waits first
+    assert engine.num_running() == 1 and sum(len(r.blocks) for r in engine.running_kv()) == 3
     assert b.status is SeqStatus.WAITING and c.status is SeqStatus.WAITING
+    assert [s.request_id for s in sched.waiting] == ["r1", "r2"]
 
 
 def test_the_engine_pauses_and_resumes_admission():

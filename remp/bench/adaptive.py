@@ -24,7 +24,7 @@ import httpx
 
 from remp.bench.serve import BenchConfig, benchmark, load_workload
 from remp.bench.server_process import ServerProcess
-from remp.bench.switch import layout_flags
+from remp.bench.server_process import serve_flags
 from remp.bench.workload import sample_trace_path
 from remp.config import ModelConfig
 from remp.policy.profile import Profile
@@ -103,7 +103,7 @@ def run_layout(args: argparse.Namespace, layout: str, loads: list[Workload], log
                  "--slo-tpot-ms", str(args.slo_tpot_ms), *shlex.split(args.policy_args)]
     else:
         start, flags = Topology.parse(layout), []
-    server = ServerProcess(args.model, [*layout_flags(start), "--worker-pool-size",
+    server = ServerProcess(args.model, [*serve_flags(start), "--worker-pool-size",
                                         str(args.worker_pool_size), *shlex.split(args.serve_args), *flags],
                            log_path=str(log_dir / f"serve-{layout}.log"))
     runs = []

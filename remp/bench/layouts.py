@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from remp.bench.host import host_info
 from remp.bench.serve import BenchConfig, benchmark, load_tokenizer, sample_random_requests
-from remp.bench.server_process import ServerProcess
+from remp.bench.server_process import ServerProcess, serve_flags
 from remp.topology import Topology
 
 
@@ -74,14 +74,6 @@ def concurrency_prompts(concurrency: int, num_prompts: int) -> int:
     """Requests of a closed-loop run: --num-prompts, and at least two per slot, so every slot
     is refilled once and the batch stays full for most of the run."""
     return max(num_prompts, 2 * concurrency)
-
-
-def serve_flags(topo: Topology) -> list[str]:
-    """The `remp serve` flags that start `topo`."""
-    flags = ["-tp", str(topo.tp), "-pp", str(topo.pp), "-dp", str(topo.dp)]
-    if topo.ep:
-        flags += ["--enable-expert-parallel", "--expert-placement-strategy", topo.placement]
-    return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

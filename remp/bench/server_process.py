@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
+
+from remp.topology import Topology
 import httpx
 
 REMP_SERVE = (sys.executable, "-m", "remp.cli", "serve", "--log-level", "warning")
@@ -22,6 +24,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+def serve_flags(layout: Topology) -> list[str]:
+    """The `remp serve` flags that start a server in `layout`."""
+    flags = ["-tp", str(layout.tp), "-pp", str(layout.pp), "-dp", str(layout.dp)]
+    if layout.ep:
+        flags += ["--enable-expert-parallel", "--expert-placement-strategy", layout.placement]
+    return flags
 
 class ServerProcess:
     """`PROGRAM MODEL --port P ARGS...` on 127.0.0.1 (PROGRAM: `remp serve` unless told, e.g.

@@ -36,7 +36,7 @@ from remp.bench.host import host_info
 from remp.bench.metrics import RequestRecord
 from remp.bench.serve import (COMPLETIONS, REQUEST_TIMEOUT_S, BenchConfig, build_payload, load_tokenizer,
                               sample_random_requests, send_request)
-from remp.bench.server_process import ServerProcess, free_port, launch_to_first_token
+from remp.bench.server_process import ServerProcess, free_port, launch_to_first_token, serve_flags
 from remp.config import ModelConfig
 from remp.reconfig.tour import switch_tour
 from remp.topology import Topology, valid_layouts
@@ -126,12 +126,6 @@ class Bandwidth:
         return self.bytes_per_s[self.floor_probe_bytes]
 
 
-def layout_flags(layout: Topology) -> list[str]:
-    """The `remp serve` flags that start a server in `layout`."""
-    return (["-tp", str(layout.tp), "-pp", str(layout.pp), "-dp", str(layout.dp)]
-            + (["--enable-expert-parallel", "--expert-placement-strategy", layout.placement] if layout.ep else []))
-
-
 def score(switch: Switch, restart_s: float, bandwidth: float) -> PairResult:
     """The derived columns of one pair (bandwidth in bytes/s)."""
     committed = switch.outcome == "committed" and switch.total_s > 0
@@ -208,7 +202,7 @@ async def switch_under_load(base_url: str, headers: dict[str, str], tour: list[T
 def restart_s(model: str, layout: Topology, server_args: list[str], headers: dict[str, str],
               payload: dict[str, Any], log_path: str) -> float:
     """Launch to first streamed token of a fresh server in `layout`: the cost a restart makes a user pay."""
-    server = ServerProcess(model, [*server_args, *layout_flags(layout)], log_path)
+    server = ServerProcess(model, [*server_args, *serve_flags(layout)], log_path)
     try:
         return launch_to_first_token(server, payload, headers)
     finally:
@@ -367,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
     logs = tempfile.mkdtemp(prefix="remp-bench-switch-")
     print(f"{len(tour) - 1} switches over {len(layouts)} layouts; server logs in {logs}", flush=True)
 
-    server = ServerProcess(args.model, [*server_args, *layout_flags(tour[0])], os.path.join(logs, "switch.log"))
+    server = ServerProcess(args.model, [*server_args, *serve_flags(tour[0])], os.path.join(logs, "switch.log"))
     server.start()
     try:
         switches, load = asyncio.run(switch_under_load(server.base_url, headers, tour, args.settle_s, payloads,

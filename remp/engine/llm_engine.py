@@ -191,10 +191,12 @@ class LLMEngine:
                                      top_k=p.top_k, seed=seq.seed, out_pos=len(seq.output_token_ids),
                                      logprobs=p.logprobs))
             commands.append(StepCommand(step_id, works))
-        self.executor.submit(commands)
+        # Booked before it is sent: a send that finds a worker gone still leaves the step in flight,
+        # for the recovery to take back.
         self._batches[step_id] = groups
         self._submit_times[step_id] = time.perf_counter()
-        self.control_plane_s += self._submit_times[step_id] - t0
+        self.executor.submit(commands)
+        self.control_plane_s += time.perf_counter() - t0
 
     def step(self, interrupt: Callable[[], bool] | None = None) -> list[RequestOutput]:
         """Fill the pipeline, then book the oldest step's tokens (see `collect` for `interrupt`)."""
@@ -232,10 +234,9 @@ class LLMEngine:
             for item, token, lps in zip(items, result.token_ids, result.logprobs):
                 if scheduler.step_done(item):
                     outputs.append(self._append(item.seq, token, lps, now))
-        if any(r.cut for r in results):
-            self.steps_cut += 1
-        else:
-            self.step_count += 1
+        # A step of several groups may be cut in some and end in others (dense groups stop alone).
+        self.steps_cut += any(r.cut for r in results)
+        self.step_count += not all(r.cut for r in results)
         return outputs
 
     def _append(self, seq: Sequence, token: int, lps: list | None, now: float) -> RequestOutput:
@@ -290,10 +291,6 @@ class LLMEngine:
     def num_running(self) -> int:
         return sum(len(scheduler.running) for scheduler in self.schedulers)
 
-    def num_live_kv_blocks(self) -> int:
-        """How many KV blocks the running requests hold."""
-        return sum(len(seq.block_ids) for scheduler in self.schedulers for seq in scheduler.running)
-
     def running_kv(self) -> list[RequestKV]:
         """Every running request's KV blocks (global ids: group g's block b is g * num_kv_blocks + b),
         how many of them are full, and their hand-out counts now. Steps in flight write only past
@@ -305,13 +302,15 @@ class LLMEngine:
                 for group, scheduler in enumerate(self.schedulers) for seq in scheduler.running]
 
     def preempt_requests(self, keys: list[int]) -> list[str]:
-        """Preempt the running requests with these sequence ids (they recompute later); returns
+        """Preempt the running requests with these sequence ids, in that order (newest first: each
+        goes to the front of its queue, so the oldest ends up first); they recompute later. Returns
         their request ids. No step may be in flight."""
+        running = {seq.seq_id: seq for scheduler in self.schedulers for seq in scheduler.running}
         out = []
-        for scheduler in self.schedulers:
-            for seq in [s for s in scheduler.running if s.seq_id in keys]:
-                scheduler.preempt(seq)
-                out.append(seq.request_id)
+        for key in keys:
+            seq = running[key]
+            self.schedulers[seq.group].preempt(seq)
+            out.append(seq.request_id)
         return out
 
     def adopt_placement(self, num_blocks: int, dp: int, placement: Placement) -> None:
@@ -321,8 +320,10 @@ class LLMEngine:
         their group where it still exists, else go to the least loaded one. No step may be in flight."""
         old, space = self.schedulers, BlockSpace(num_blocks)
         new = self._schedulers(dp, num_blocks) if dp != len(old) else old
+        # Oldest first (sequence ids follow arrival); in the queues, preempted requests stay ahead.
         running = sorted((seq for scheduler in old for seq in scheduler.running), key=lambda s: s.seq_id)
-        waiting = sorted((seq for scheduler in old for seq in scheduler.waiting), key=lambda s: s.seq_id)
+        waiting = sorted((seq for scheduler in old for seq in scheduler.waiting),
+                         key=lambda s: (s.num_preemptions == 0, s.seq_id))
         used: list[list[int]] = [[] for _ in range(dp)]
         if new is not old:
             new[0].num_preemptions = sum(scheduler.num_preemptions for scheduler in old)
@@ -353,8 +354,9 @@ class LLMEngine:
         """Replace every worker that died or hung and serve on at the current layout. If all lost
         ranks were standby, nothing live was on them: steps in flight finish and every request
         keeps its KV. Otherwise the steps in flight are dropped and every running request is
-        preempted to recompute (its KV was partly on the lost rank). Raises WorkerError if the
-        pool cannot be rebuilt."""
+        preempted to recompute (its KV was partly on the lost rank; with several data-parallel
+        groups, those of the other groups too: the world is re-formed under all of them). Raises
+        WorkerError if the pool cannot be rebuilt."""
         executor, topo = self.executor, self.executor.topology
         failed = executor.failed_ranks()
         cause = _cause(executor, failed)

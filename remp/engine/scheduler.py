@@ -16,7 +16,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from remp.engine.admission import admit, make_room, requeue, shrink
+from remp.engine.admission import admit, make_room, requeue
 from remp.engine.outputs import RequestMetrics
 from remp.engine.sampling import SamplingParams
 from remp.kv.blocks import BlockManager
@@ -124,13 +124,6 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         requeue(seq, self.running, self.waiting)
-
-    def shrink_to(self, num_blocks: int) -> list[str]:
-        """Preempt the newest running requests until the live blocks fit in `num_blocks` (a
-        smaller cache after a layout switch); returns their request ids."""
-        running = self.running
-        victims = shrink(running, lambda: sum(len(s.block_ids) for s in running) <= num_blocks, self.preempt)
-        return [seq.request_id for seq in victims]
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence and free its blocks (at once unless a step still holds it)."""

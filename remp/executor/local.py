@@ -511,11 +511,18 @@ class LocalExecutor:
             self._cut_flags.cut(self.in_flight[-1], range(self.topology.world_size))
 
     def submit(self, groups: list[StepCommand]) -> None:
-        """Send one step: groups[d] to every rank of data-parallel group d (all with one step id)."""
-        topo = self.topology
+        """Send one step: groups[d] to every rank of data-parallel group d (all with one step id).
+        Every group gets its part before a rank that is gone is reported (the others would wait in
+        the step's exchanges between groups for one that never came)."""
+        topo, failure = self.topology, None
         for d, cmd in enumerate(groups):
-            self._broadcast(cmd, [topo.rank(s, t, d) for s in range(topo.pp) for t in range(topo.tp)])
+            try:
+                self._broadcast(cmd, [topo.rank(s, t, d) for s in range(topo.pp) for t in range(topo.tp)])
+            except WorkerError as exc:
+                failure = failure or exc
         self.in_flight.append(groups[0].step_id)
+        if failure is not None:
+            raise failure
 
     def next_result(self, timeout_s: float = 600.0,
                     interrupt: Callable[[], bool] | None = None) -> list[StepResult] | None:

@@ -1,10 +1,10 @@
-"""Global KV block ids.
+"""KV block ids of one data-parallel group's cache.
 
-The scheduler owns one pool of block ids shared by every layout: block b of a request
-means "positions b*block_size .. of this request" on whichever workers hold the layer and
-head slices under the current topology. Block tables therefore survive a layout change and
-only the bytes behind them move — unless the new cache holds fewer blocks than the highest
-live id, when the switch renumbers them (remp.reconfig.transaction._renumber).
+Each group's scheduler owns a pool of block ids: block b of a request means "positions
+b*block_size .. of this request" on whichever workers of its group hold the layer and head slices
+under the current topology. Block tables therefore survive a layout change that keeps the request
+in its group and only the bytes behind them move; a request that changes group, or a block whose
+id the new cache lacks, gets new ids (remp.kv.placement).
 """
 from __future__ import annotations
 

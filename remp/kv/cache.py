@@ -1,5 +1,6 @@
 """A worker's paged KV cache: one tensor per local layer,
-[num_blocks, 2 (key, value), block_size, local_kv_heads, head_dim], indexed by global block id."""
+[num_blocks, 2 (key, value), block_size, local_kv_heads, head_dim], indexed by the block ids of the
+rank's data-parallel group."""
 from __future__ import annotations
 
 import torch

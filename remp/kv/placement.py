@@ -6,8 +6,9 @@ is named globally by its group and its id in the group: `BlockSpace`. A switch t
 number of groups keeps every request in its group; one that changes it (tp <-> dp, say) places
 requests afresh, the oldest first, each in the group with the most free blocks, so whole requests
 move to the group that serves them next. Within its group a block keeps its id where it fits and
-is free, else takes the lowest free one. A request that fits in no target group is left out
-(`Placement.overflow`): the switch preempts it, and it recomputes later.
+is free, else takes the lowest free one. A request that does not fit the group it would go to (its
+blocks, or a sequence slot under --max-num-seqs) is left out (`Placement.overflow`): the switch
+preempts it, and it recomputes later.
 
 Pure functions of the requests and the two layouts' sizes; the transaction calls `place_requests`
 once while it prepares (what the pre-copy sends where) and again in the pause with the pre-copied
@@ -52,19 +53,21 @@ class Placement:
 
     groups: dict[int, int] = field(default_factory=dict)  # request key -> target group
     renumber: dict[int, int] = field(default_factory=dict)  # source global id -> target global id
-    overflow: list[int] = field(default_factory=list)  # keys of requests that fit nowhere, newest first
+    overflow: list[int] = field(default_factory=list)  # keys of requests left out (no room in their group), newest first
 
 
 def place_requests(requests: list[RequestKV], source: BlockSpace, target: BlockSpace, source_dp: int,
-                   target_dp: int, keep: Placement | None = None,
-                   reserved: dict[int, int] | None = None) -> Placement:
-    """Place `requests` in a target of `target_dp` groups of `target.blocks_per_group` blocks.
+                   target_dp: int, keep: Placement | None = None, reserved: dict[int, int] | None = None,
+                   seq_limit: int | None = None) -> Placement:
+    """Place `requests` in a target of `target_dp` groups of `target.blocks_per_group` blocks and
+    at most `seq_limit` running requests each (a group's --max-num-seqs).
 
     A request keeps its group when the number of groups does not change, and the group `keep`
-    gave it, if any; otherwise it goes to the group with the most free blocks (its own group on a
-    tie, else the lowest). `reserved` (source id -> target id) holds blocks to places already
-    decided (the pre-copied ones). Requests are placed oldest first; one whose blocks do not fit
-    its group is left out (overflow)."""
+    gave it, if any; otherwise it goes to the group with the most free blocks among those with a
+    free sequence slot (its own group on a tie, else the lowest). `reserved` (source id -> target
+    id) holds blocks to places already decided (the pre-copied ones). Requests are placed oldest
+    first; one whose blocks or sequence slot do not fit the group it would go to is left out
+    (overflow)."""
     reserved = reserved or {}
     keep_groups = keep.groups if keep is not None else {}
     per_group = target.blocks_per_group
@@ -72,6 +75,8 @@ def place_requests(requests: list[RequestKV], source: BlockSpace, target: BlockS
     for dst in reserved.values():
         taken[target.group_of(dst)].add(target.local(dst))
     load = [len(t) for t in taken]
+    seqs = [0] * target_dp
+    limit = seq_limit if seq_limit is not None else len(requests)
     placement = Placement()
     placed: list[tuple[RequestKV, int]] = []
     for req in sorted(requests, key=lambda r: r.key):  # each request's group
@@ -81,12 +86,13 @@ def place_requests(requests: list[RequestKV], source: BlockSpace, target: BlockS
         elif source_dp == target_dp:
             group = req.group
         else:
-            group = min(range(target_dp), key=lambda g: (load[g], g != req.group, g))
-        if load[group] + fresh > per_group:
+            group = min(range(target_dp), key=lambda g: (seqs[g] >= limit, load[g], g != req.group, g))
+        if load[group] + fresh > per_group or seqs[group] >= limit:
             placement.overflow.append(req.key)
             continue
         placement.groups[req.key] = group
         load[group] += fresh
+        seqs[group] += 1
         placed.append((req, group))
     rest: list[tuple[int, int]] = []
     for req, group in placed:  # blocks that keep their ids first, so none is displaced by a newcomer

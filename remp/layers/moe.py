@@ -19,7 +19,8 @@ shares. A group with no tokens in a step still joins both exchanges (with nothin
 
 Routing follows transformers: softmax in float32 over all experts, the top k, divided by their
 sum where the model renormalises; each expert's output is scaled by its weight and added in
-ascending expert order.
+ascending expert order (across data-parallel groups, in the order of the experts' owners, then
+ascending: the same under linear placement).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Communication groups over the worker pool.
 
 Every pool worker, active or standby, joins one world, and at that moment every group any
-layout of the pool can need: the tensor-parallel groups of every (tp, pp) that fits the pool
-and the stages expert parallelism exchanges tokens over (one per distinct set of ranks;
-layouts share them), a group over all ranks for the hidden
+layout of the pool can need: the tensor-parallel groups of every (dp, tp, pp) that fits the pool
+and the stages expert parallelism exchanges tokens over (every aligned run of ranks: one group per
+distinct set, layouts share them), a group over all ranks for the hidden
 states a pipeline stage passes on, and another for KV migration. Forming groups is a
 rendezvous, the one kind of wait that cannot see a lost peer (there is no connection to break
 yet: the others wait for its key in the store). So all of it happens while the world forms —

@@ -53,7 +53,7 @@ class SwitchHost(Protocol):
 
     @property
     def num_kv_blocks(self) -> int:
-        """The size of the current KV block pool."""
+        """The size of the current KV block pool of each data-parallel group."""
 
     def num_blocks_for(self, topo: Topology) -> int: ...
 
@@ -66,8 +66,6 @@ class SwitchHost(Protocol):
     def resume_admission(self) -> None: ...
 
     def num_running(self) -> int: ...
-
-    def num_live_kv_blocks(self) -> int: ...
 
     def running_kv(self) -> list[RequestKV]:
         """Every running request's blocks (global ids), how many are full, their hand-out counts."""

@@ -1,7 +1,8 @@
 """A live layout switch as a transaction.
 
-plan     validate the target, size its KV cache, compute the KV migration plan; this may
-         start while a step is in flight (the engine looks for switches while it waits)
+plan     validate the target, size its KV cache, place the running requests (their group and
+         block ids in the target, remp.kv.placement) and compute the KV moves; this may start
+         while a step is in flight (the engine looks for switches while it waits)
 prepare  every pool worker builds the target's groups, shard and KV cache (layers already in
          place are shared), then pre-copies the KV of every full block of the running
          requests to its new owners (Llumnix-style: a full block is never written again while
@@ -12,12 +13,12 @@ drain    the moment every worker has answered both (the engine looks while it wa
          next check (remp.executor.cut); a step that ends first delivers its tokens, a cut one
          runs again on the target. So the pause waits for a few ms, not for the rest of a step
          (up to hundreds of ms on a CPU)
-migrate  right behind the cut (or after the drain, when the newest requests must be preempted
-& commit because the target holds fewer blocks than are live), one command: every worker, after
-         its own last step, moves the KV slices of the live blocks not pre-copied (those still
-         filling, and any handed out again since) to their new owners and switches to the
-         target, tentatively until all have (then the engine confirms); block tables are
-         renumbered if the cache shrank; stepping resumes
+migrate  right behind the cut (or after the drain, when requests the target has no room for in
+& commit their group must be preempted), one command: every worker, after its own last step,
+         moves the KV slices of the live blocks not pre-copied (those still filling, and any
+         handed out again since) to their new owners and switches to the target, tentatively
+         until all have (then the engine confirms); block tables follow the placement (new ids
+         for a request that changes group or a block the new cache lacks); stepping resumes
 
 Any error before the confirmation aborts: the prepared state is dropped, a worker that had
 switched goes back, and the old layout, whose shards, KV and groups were never touched, keeps
@@ -107,29 +108,46 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
     def moved_bytes(moves: list[KVMove]) -> int:
         return sum(bytes_moved(m.transfers, len(m.src_blocks), block_size, model.head_dim, itemsize) for m in moves)
 
+    def place(running: list[RequestKV], keep: Placement | None = None,
+              reserved: dict[int, int] | None = None) -> Placement:
+        return place_requests(running, source_space, target_space, source.dp, target.dp, keep, reserved,
+                              engine.config.max_num_seqs)
+
+    def place_at_pause() -> tuple[list[RequestKV], dict[int, int], Placement]:
+        """The running requests now, each live block's hand-out count, and their placement: as
+        planned for the pre-copy where nothing changed (a request keeps its planned group, a block
+        still handed out as it was keeps its planned id), fresh for blocks taken since and for
+        requests that did not fit then."""
+        running = engine.running_kv()
+        handouts_now = handouts_of(running)
+        reserved = {b: precopy_placement.renumber[b] for b, h in handouts_now.items()
+                    if b in precopy_placement.renumber and handouts_at_plan.get(b) == h}
+        return running, handouts_now, place(running, keep=precopy_placement, reserved=reserved)
+
     engine.pause_admission()
     try:
         executor.prepare(target, num_blocks, block_size)
         # Where each running request goes (its group, its blocks' ids), decided now for the pre-copy.
         running = engine.running_kv()
-        plan = place_requests(running, source_space, target_space, source.dp, target.dp)
-        held = {b: h for r in running for b, h in zip(r.blocks, r.handouts)}
+        precopy_placement = place(running)
+        handouts_at_plan = handouts_of(running)
         # Every full block that has a place in the target, with its hand-out count now: none is
         # written again unless it is freed and handed out anew, which its count shows at the pause.
-        copied = {b: h for r in running if r.key in plan.groups
+        copied = {b: h for r in running if r.key in precopy_placement.groups
                   for b, h in zip(r.blocks[:r.full], r.handouts[:r.full])}
         filling: list[list[int]] = [[] for _ in range(target.dp)]  # the pause moves them
         for r in running:
-            for b in r.blocks[r.full:] if r.key in plan.groups else ():
-                filling[target_space.group_of(plan.renumber[b])].append(target_space.local(plan.renumber[b]))
-        precopy_moves = moves_for(running, plan, set(copied), every_pair=True)
+            for b in r.blocks[r.full:] if r.key in precopy_placement.groups else ():
+                place_id = precopy_placement.renumber[b]
+                filling[target_space.group_of(place_id)].append(target_space.local(place_id))
+        precopy_moves = moves_for(running, precopy_placement, set(copied), every_pair=True)
         if copied or any(filling):  # queued behind the preparation on each worker: no wait for "prepared" first
             # Buffers for every live block not pre-copied, and one more per request, per pair of groups:
             # no new prompt is admitted, and a decode fills a block in block_size steps (the pause
             # allocates the rest if a long prepare lets a request fill more).
             pause_blocks = [sum(len(r.blocks) + 1 for r in running
-                                if (r.group, plan.groups.get(r.key)) == (m.src_dp, m.dst_dp)) - len(m.src_blocks)
-                            for m in precopy_moves]
+                                if (r.group, precopy_placement.groups.get(r.key)) == (m.src_dp, m.dst_dp))
+                            - len(m.src_blocks) for m in precopy_moves]
             executor.precopy([to_wire(m) for m in precopy_moves], filling, pause_blocks)
             kinds = ["prepared", "precopied"]
         else:
@@ -145,21 +163,21 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
         t_prepared = time.perf_counter()
         result.timings_s["prepare"] = t_prepared - t_plan
         executor.cut()  # the steps in flight stop at their next check; they run again on the target
-        running, final = _place_at_pause(engine, plan, held, source_space, target_space, source.dp,
-                                         target.dp)
-        if final.overflow:
+        running, handouts_now, pause_placement = place_at_pause()
+        if pause_placement.overflow:  # requests the target has no room for in their group
             engine.drain(on_outputs)  # preempting needs the steps in
-            result.preempted_request_ids = engine.preempt_requests(final.overflow)
-            running, final = _place_at_pause(engine, plan, held, source_space, target_space, source.dp,
-                                             target.dp)
+            result.preempted_request_ids = engine.preempt_requests(pause_placement.overflow)
+            running, handouts_now, pause_placement = place_at_pause()
+        unplaced = [r.request_id for r in running if r.key not in pause_placement.groups]
+        if unplaced:
+            raise RuntimeError(f"no place in {target} for running request(s) {', '.join(unplaced)}")
         # Otherwise the commit goes out right behind the cut (each worker runs it after its steps):
         # the drain only frees blocks, so what it moves is a superset of what stays live, and it
         # reaches the workers while they finish their steps instead of after.
-        now = {b: h for r in running for b, h in zip(r.blocks, r.handouts)}
-        left = {b for b, h in now.items() if copied.get(b) != h}  # never copied, or handed out again since
-        result.live_kv_blocks = len(now)
-        result.precopied_kv_blocks = len(now) - len(left)
-        pause_moves = moves_for(running, final, left)
+        left = {b for b, h in handouts_now.items() if copied.get(b) != h}  # never copied, or handed out again since
+        result.live_kv_blocks = len(handouts_now)
+        result.precopied_kv_blocks = len(handouts_now) - len(left)
+        pause_moves = moves_for(running, pause_placement, left)
         executor.start_commit(engine.threads_for(target), [to_wire(m) for m in pause_moves])
         engine.drain(on_outputs)
         t_paused = time.perf_counter()
@@ -173,7 +191,7 @@ def run_transaction(engine: SwitchHost, target: Topology, on_outputs: Callable[[
         return result
     finally:
         engine.resume_admission()
-    engine.adopt_placement(num_blocks, target.dp, final)
+    engine.adopt_placement(num_blocks, target.dp, pause_placement)
     t_end = time.perf_counter()
     result.outcome = "committed"
     result.kv_bytes_in_pause = moved_bytes(pause_moves)
@@ -233,13 +251,6 @@ def _roll_back(engine: SwitchHost, on_outputs: Callable[[list[RequestOutput]], N
                      f"and kept the old layout (first error: {result.reason})")
 
 
-def _place_at_pause(engine: SwitchHost, plan: Placement, held: dict[int, int],
-                    source: BlockSpace, target: BlockSpace, source_dp: int,
-                    target_dp: int) -> tuple[list[RequestKV], Placement]:
-    """The running requests now and their placement: as planned for the pre-copy where nothing
-    changed (a request keeps its planned group, a block still handed out as it was keeps its planned
-    id), fresh for blocks taken since and for requests that did not fit then."""
-    running = engine.running_kv()
-    reserved = {b: plan.renumber[b] for r in running for b, h in zip(r.blocks, r.handouts)
-                if b in plan.renumber and held.get(b) == h}
-    return running, place_requests(running, source, target, source_dp, target_dp, keep=plan, reserved=reserved)
+def handouts_of(running: list[RequestKV]) -> dict[int, int]:
+    """Each live block's hand-out count (block -> count)."""
+    return {b: h for r in running for b, h in zip(r.blocks, r.handouts)}

@@ -31,7 +31,8 @@ from remp.config import ModelConfig
 from remp.engine.sampling import is_greedy, sample_row
 from remp.executor.cut import CutFlags
 from remp.executor.messages import (FAULT_ENV, Aborted, BuildTimes, CommitCommand, Committed, Digest,
-                                    DigestCommand, LeaveCommand, Left, PrecopyCommand, Precopied, PrepareCommand,
+                                    DigestCommand, KVMoveRows, LeaveCommand, Left, PrecopyCommand, Precopied,
+                                    PrepareCommand,
                                     Prepared, ReformCommand, Reformed, SeqWork, StepCommand, StepResult)
 from remp.kernels import paged_attention
 from remp.kv.cache import KVCache
@@ -159,11 +160,14 @@ class Worker:
         # rest are packed once the switch is final (`confirm`).
         unpacked = adopt_packed(model, self.model if self._same_split(model) else None) if self.pack_weights else []
         t_shard = time.perf_counter()
-        # A layer's cache is shared with the layout in use only where requests keep their group (same
-        # dp): a request moving in from another group is pre-copied to ids that are free now, but the
-        # layout in use may hand them out to its own requests before the pause.
+        # A layer's cache is shared with the layout in use only where this rank keeps its data-parallel
+        # group and the groups keep their requests (the same dp): otherwise the KV the target receives
+        # belongs to other requests than the layout in use writes there, at ids that are free now but
+        # that the layout in use may hand out again before the pause.
+        same_group = (self.topo is not None and self.topo.dp == topo.dp
+                      and self.topo.coords(self.rank).dp_rank == topo.coords(self.rank).dp_rank)
         kv = KVCache(self.model_config, topo, self.rank, cmd.num_blocks, cmd.block_size, self.dtype, self.device,
-                     reuse=self.kv if self.topo is not None and self.topo.dp == topo.dp else None)
+                     reuse=self.kv if same_group else None)
         self.target = LayoutState(topo, model, kv, unpacked)
         t_kv = time.perf_counter()
         return Prepared(self.rank, cmd.switch_id, standby=False, layout=str(topo),
@@ -289,11 +293,25 @@ class Worker:
                 new_kv.heads(t.layer, t.dst_head, t.num_heads).index_copy_(0, dst_idx, part)
         return 0 if fits else total * buffer.element_size()
 
+    def migrate_all(self, moves: list[KVMoveRows], pause_buffer: torch.Tensor | None = None) -> int:
+        """`migrate` each move in turn, as every rank does in the same order; returns the bytes
+        allocated. A move that fails here (this rank's preparation failed, say) does not stop the
+        ones after it: the peers wait on this rank in those too. The first failure is raised after."""
+        allocated, failure = 0, None
+        for move in moves:
+            if not move.src_blocks:
+                continue
+            try:
+                allocated += self.migrate(move.transfers, move.src_blocks, move.dst_blocks, pause_buffer)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return allocated
+
     def precopy(self, cmd: PrecopyCommand) -> Precopied:
         """Beside the steps: copy the full blocks, then get the pause ready for the rest."""
-        for move in cmd.moves:
-            if move.src_blocks:
-                self.migrate(move.transfers, move.src_blocks, move.dst_blocks)
+        self.migrate_all(cmd.moves)
         self.get_pause_ready(cmd)
         return Precopied(self.rank, cmd.switch_id)
 
@@ -327,10 +345,7 @@ class Worker:
         finally:
             self._pending_sends.clear()
         t0 = time.perf_counter()
-        allocated = 0
-        for move in cmd.moves:
-            if move.src_blocks:
-                allocated += self.migrate(move.transfers, move.src_blocks, move.dst_blocks, self.pause_buffer)
+        allocated = self.migrate_all(cmd.moves, self.pause_buffer)
         self.pause_buffer = None
         answer = Committed(self.rank, cmd.switch_id, migrate_s=time.perf_counter() - t0, allocated_bytes=allocated)
         self.previous = ReplacedLayout(self.layout, self.loaded, torch.get_num_threads())
