@@ -7,7 +7,7 @@ rope_parameters, rope_scaling, tied embeddings, ...) is accepted here too.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -206,3 +206,8 @@ class EngineConfig:
 
         return Topology(self.tensor_parallel_size, self.pipeline_parallel_size, self.enable_expert_parallel,
                         self.data_parallel_size, self.expert_placement_strategy)
+
+    def with_topology(self, topo: Topology) -> EngineConfig:
+        """This config, starting in `topo` instead (the inverse of `topology`)."""
+        return replace(self, tensor_parallel_size=topo.tp, pipeline_parallel_size=topo.pp, data_parallel_size=topo.dp,
+                       enable_expert_parallel=topo.ep, expert_placement_strategy=topo.placement)

@@ -87,8 +87,7 @@ def test_every_ordered_pair_of_layouts_switches_live_with_requests_mid_generatio
     reference = [tokens for tokens, _ in transformers_greedy(tiny_mixtral, PROMPTS, max_tokens)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     engine = LLMEngine(EngineConfig(dtype="float32", model=tiny_mixtral, worker_pool_size=POOL, max_model_len=128,
-                                    block_size=4, tensor_parallel_size=tour[0].tp, pipeline_parallel_size=tour[0].pp,
-                                    data_parallel_size=tour[0].dp, enable_expert_parallel=tour[0].ep))
+                                    block_size=4).with_topology(tour[0]))
     try:
         rest, n = tour[1:], 0
         while rest:

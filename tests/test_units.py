@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from remp.config import ModelConfig
+from remp.config import EngineConfig, ModelConfig
 from remp.engine.detokenizer import Detokenizer
 from remp.engine.outputs import RequestMetrics
 from remp.engine.sampling import SamplingParams, sample_row
@@ -152,6 +152,8 @@ def test_expert_ownership_is_a_function_of_the_layout():
         Topology(2, 1, ep=True, placement="random").validate(m, 4)
     with pytest.raises(TopologyError, match="written"):
         Topology.parse("tp2pp1rr")
+    for layout in (rr, dp, ep):  # an engine config names the same layout back
+        assert EngineConfig("m").with_topology(layout).topology == layout
     with pytest.raises(TopologyError, match="needs a mixture-of-experts model"):
         Topology(2, 1, ep=True).validate(ModelConfig(**TINY_FIELDS), 4)
 

@@ -97,7 +97,7 @@ class SparseMoE(nn.Module):
             self.slot = torch.empty(moe.num_experts, dtype=torch.long)
             for r, experts in enumerate(owned):
                 self.slot[experts] = torch.arange(r * self.per_rank, (r + 1) * self.per_rank)
-            self.held = owned[topo.ep_rank(topo.coords(ctx.rank))]  # this rank's, in slot order
+            self.held = list(held)  # this rank's, ascending: in slot order
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k]."""

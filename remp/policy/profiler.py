@@ -256,9 +256,7 @@ def profile_model(config: EngineConfig, layouts: list[Topology] | None = None,
     layouts = check_layouts(ModelConfig.from_pretrained(config.model), pool, layouts)
     tour = switch_tour(layouts)
     first = tour[0]
-    engine = LLMEngine(replace(config, tensor_parallel_size=first.tp, pipeline_parallel_size=first.pp,
-                               data_parallel_size=first.dp, enable_expert_parallel=first.ep,
-                               expert_placement_strategy=first.placement, worker_pool_size=pool))
+    engine = LLMEngine(replace(config.with_topology(first), worker_pool_size=pool))
     try:
         grids = {topo: plan_grid(engine, topo, batch_sizes, context_lens, prefill_tokens) for topo in layouts}
         driver = Driver(engine)
